@@ -1,0 +1,31 @@
+"""Gunicorn settings for Pi Agent Server: one gevent worker, made for long streams.
+
+Imports only pi_agent.config, which loads neither ssl nor requests: the gevent worker
+patches the standard library after the fork, and modules loaded before it stay unpatched.
+"""
+import sys
+
+from pi_agent.config import ConfigError, load_settings
+
+try:
+    _settings = load_settings()
+except ConfigError as exc:
+    # One line naming the variable, instead of a traceback from every worker that boots.
+    sys.exit(f"pi-agent: {exc}")
+
+bind = [_settings.bind]
+worker_class = "gevent"
+# The memory store lives in the worker's process: a second worker would not share it.
+workers = 1
+worker_connections = 2000
+# Building the app in the master would import ssl and requests before gevent patches them.
+preload_app = False
+# The gevent worker notifies the master from its own greenlet, so a stream that runs for
+# minutes does not trip this; it only catches a worker whose loop is stuck.
+timeout = 60
+# On SIGTERM, streams still running get this long to finish.
+graceful_timeout = 60
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = _settings.log_level.lower()

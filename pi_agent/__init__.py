@@ -1,0 +1,74 @@
+"""Pi Agent Server: a small agent gateway in front of Ollama."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .config import load_settings, setting_keys
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+__version__ = "0.1.0"
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Create and configure an instance of the Flask application.
+
+    Settings come from the defaults, then ``PI_AGENT_*`` environment variables, then
+    ``config`` (setting names without the prefix, e.g. ``{"MODEL": "qwen3:0.6b"}``; other
+    keys, such as ``TESTING``, go to Flask's own config).
+
+    :raise ConfigError: a setting is invalid; the message names it.
+    """
+    # Flask and requests import ssl. They load here rather than at the top because
+    # gunicorn.conf.py imports pi_agent.config in the master, before gevent patches ssl.
+    from flask import Flask
+
+    from . import agents, chat, health
+    from .errors import register_error_handlers
+    from .memory import MemoryStore
+    from .providers import PROVIDERS
+    from .state import EXTENSION_KEY, AppState
+
+    settings = load_settings(config)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config.from_mapping(
+        {key: value for key, value in (config or {}).items() if key.upper() not in setting_keys()}
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    _configure_logging(settings.log_level)
+
+    memory = None
+    if settings.enable_memory:
+        memory = MemoryStore(
+            max_turns=settings.memory_max_turns,
+            ttl_seconds=settings.memory_ttl_minutes * 60,
+            max_conversations=settings.memory_max_conversations,
+        )
+    app.extensions[EXTENSION_KEY] = AppState(
+        settings=settings,
+        provider=PROVIDERS[settings.provider](settings),
+        memory=memory,
+        agents=agents.index_agents(),
+    )
+
+    register_error_handlers(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(agents.bp)
+    app.register_blueprint(chat.bp)
+    return app
+
+
+def _configure_logging(level: str) -> None:
+    logger = logging.getLogger(__name__)
+    logger.setLevel(level)
+    # Under gunicorn nothing handles the root logger; elsewhere the host's handlers are kept.
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+        )
+        logger.addHandler(handler)

@@ -1,0 +1,212 @@
+"""Ollama's ``/api/chat``, behind the ``Provider`` interface.
+
+This module is the seam to the outside world: nothing from ``requests`` or ``json`` leaves it.
+Every transport failure, also one that happens while a stream is being read, is translated
+into a ``ProviderError`` subclass that knows its HTTP status.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
+
+from ..config import Settings
+from ..errors import (
+    ModelNotFound,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+from .base import ChatCall, ChatChunk
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 3.0
+# A cold model load on a Raspberry Pi takes minutes, and Ollama sends no byte before it ends.
+DEFAULT_READ_TIMEOUT = 300.0
+# One NDJSON line is one token's object; a "line" this long means the stream is not NDJSON.
+MAX_LINE_BYTES = 1024 * 1024
+
+
+class OllamaProvider:
+    """A client of one Ollama server that owns one ``requests.Session``, so connections are
+    reused, and gives every call a ``(connect, read)`` timeout."""
+
+    name = "ollama"
+
+    def __init__(
+        self,
+        base_url: str,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = session or requests.Session()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OllamaProvider:
+        return cls(settings.ollama_url, settings.connect_timeout, settings.read_timeout)
+
+    def chat(self, call: ChatCall) -> ChatChunk:
+        """Ask for a whole reply at once.
+
+        :raise ProviderError: a subclass for each way the call can fail.
+        """
+        response = self._post_chat(call, stream=False)
+        try:
+            data = response.json()
+        except requests.RequestException as exc:
+            raise _translate(exc) from exc
+        except ValueError as exc:
+            raise UpstreamProtocolError() from exc
+        finally:
+            response.close()
+        chunk = _parse_chunk(data)
+        if not chunk.done:
+            logger.warning("ollama sent a non-stream reply without done:true")
+            raise UpstreamProtocolError()
+        return chunk
+
+    def stream_chat(self, call: ChatCall) -> OllamaStream:
+        """Start a streamed reply; returns once Ollama has sent its headers and first token.
+
+        :raise ProviderError: before anything is streamed, e.g. for an unknown model.
+        """
+        return OllamaStream(self._post_chat(call, stream=True))
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _post_chat(self, call: ChatCall, stream: bool) -> requests.Response:
+        payload: dict[str, Any] = {
+            "model": call.model,
+            "messages": call.messages,
+            "stream": stream,
+            "options": call.options,
+            "keep_alive": call.keep_alive,
+        }
+        started = time.perf_counter()
+        try:
+            response = self.session.post(
+                self.base_url + "/api/chat", json=payload, stream=stream, timeout=self.timeout
+            )
+        except requests.RequestException as exc:
+            raise _translate(exc) from exc
+        logger.info(
+            "ollama /api/chat model=%s stream=%s status=%d after %.0f ms",
+            call.model, stream, response.status_code, (time.perf_counter() - started) * 1000,
+        )
+        if response.status_code != 200:
+            try:
+                raise _status_error(response, call.model)
+            finally:
+                response.close()
+        return response
+
+
+class OllamaStream:
+    """The chunks of one streamed ``/api/chat`` reply, read line by line.
+
+    A TCP read can hold half a JSON line or several, so lines are split here rather than
+    per read. A stream that ends without ``done:true`` is an error: Ollama cuts the body
+    short when its runner crashes.
+    """
+
+    def __init__(self, response: requests.Response) -> None:
+        self._response = response
+
+    def __iter__(self) -> Iterator[ChatChunk]:
+        pending = b""
+        finished = False
+        try:
+            # chunk_size=None yields each chunk frame as it arrives: one token per frame.
+            for data in self._response.iter_content(chunk_size=None):
+                *lines, pending = (pending + data).split(b"\n")
+                if len(pending) > MAX_LINE_BYTES:
+                    logger.warning("ollama sent a line of more than %d bytes", MAX_LINE_BYTES)
+                    raise UpstreamProtocolError()
+                for line in lines:
+                    if line.strip() and not finished:
+                        chunk = _parse_chunk(_decode_line(line))
+                        finished = chunk.done
+                        yield chunk
+        except requests.RequestException as exc:
+            raise _translate(exc) from exc
+        if pending.strip() and not finished:
+            chunk = _parse_chunk(_decode_line(pending))
+            finished = chunk.done
+            yield chunk
+        if not finished:
+            logger.warning("ollama stream ended before done:true")
+            raise UpstreamProtocolError()
+
+    def close(self) -> None:
+        """Close the upstream response; an unfinished one drops its connection, which is
+        how Ollama learns to stop generating."""
+        self._response.close()
+
+
+def _decode_line(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        logger.warning("ollama sent a line that is not JSON: %.200r", line)
+        raise UpstreamProtocolError() from exc
+
+
+def _parse_chunk(data: Any) -> ChatChunk:
+    if not isinstance(data, dict):
+        raise UpstreamProtocolError()
+    if "error" in data:
+        # Ollama reports a failure after the stream started as one {"error": ...} line.
+        logger.warning("ollama reported an error: %.300s", data["error"])
+        raise UpstreamError()
+    message = data.get("message") or {}
+    if not isinstance(message, dict):
+        raise UpstreamProtocolError()
+    done = data.get("done") is True
+    return ChatChunk(
+        content=message.get("content") or "",
+        thinking=message.get("thinking") or "",
+        done=done,
+        # Old Ollama versions leave done_reason out of the final chunk.
+        done_reason=(data.get("done_reason") or "stop") if done else "",
+        prompt_tokens=data.get("prompt_eval_count") or 0,
+        completion_tokens=data.get("eval_count") or 0,
+    )
+
+
+def _status_error(response: requests.Response, model: str) -> ProviderError:
+    try:
+        text = str(response.json().get("error", ""))
+    except (requests.RequestException, ValueError, AttributeError):
+        text = ""
+    logger.warning("ollama answered HTTP %d: %.300s", response.status_code, text)
+    if response.status_code == 404 and "not found" in text:
+        return ModelNotFound(model)
+    return UpstreamError(f"the model server answered with an error (HTTP {response.status_code})")
+
+
+def _translate(exc: requests.RequestException) -> ProviderError:
+    """Map a ``requests`` error to the most specific provider error."""
+    logger.warning("ollama request failed: %s", exc)
+    if isinstance(exc, requests.ConnectTimeout):
+        return ProviderUnavailable()
+    if isinstance(exc, requests.ReadTimeout):
+        return ProviderTimeout()
+    reason = exc.args[0] if exc.args else None
+    # iter_content wraps a read timeout in the middle of a body as a ConnectionError.
+    if isinstance(reason, ReadTimeoutError):
+        return ProviderTimeout()
+    if isinstance(reason, MaxRetryError) and isinstance(reason.reason, NewConnectionError):
+        return ProviderUnavailable()
+    return UpstreamProtocolError()

@@ -1,0 +1,33 @@
+"""What ``create_app`` builds once and every request uses, kept on the app."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flask import current_app
+
+from .config import Settings
+from .memory import MemoryStore
+from .providers.base import Provider
+
+if TYPE_CHECKING:
+    from .agents import Agent
+
+EXTENSION_KEY = "pi_agent"
+
+
+@dataclass(frozen=True)
+class AppState:
+    """The settings, the model provider, the memory (None when disabled) and the agents."""
+
+    settings: Settings
+    provider: Provider
+    memory: MemoryStore | None
+    agents: Mapping[str, Agent]
+
+
+def current_state() -> AppState:
+    """Return the state of the app that handles the current request."""
+    state: AppState = current_app.extensions[EXTENSION_KEY]
+    return state

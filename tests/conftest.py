@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from pi_agent import create_app
+from pi_agent.state import EXTENSION_KEY, AppState
+
+from .fake_ollama import FakeOllama
+
+
+@pytest.fixture(autouse=True)
+def clean_environ() -> Iterator[None]:
+    """Run every test without the PI_AGENT_* variables of the shell that started pytest."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("PI_AGENT_")}
+    for key in saved:
+        del os.environ[key]
+    yield
+    for key in [k for k in os.environ if k.startswith("PI_AGENT_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[FakeOllama]:
+    fake = FakeOllama().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+    assert fake.handler_errors == []
+
+
+def unused_port() -> int:
+    """Return a loopback port that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def app_config(fake_ollama: FakeOllama) -> dict[str, Any]:
+    """The settings of the ``app`` fixture; a test may change them before using ``app``."""
+    return {
+        "TESTING": True,
+        "OLLAMA_URL": fake_ollama.url,
+        "CONNECT_TIMEOUT": 2,
+        "READ_TIMEOUT": 5,
+    }
+
+
+@pytest.fixture
+def app(app_config: dict[str, Any]) -> Iterator[Flask]:
+    app = create_app(app_config)
+    try:
+        yield app
+    finally:
+        state(app).provider.close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def state(app: Flask) -> AppState:
+    result: AppState = app.extensions[EXTENSION_KEY]
+    return result

@@ -1,0 +1,300 @@
+"""A fake Ollama for the tests: a real HTTP server on 127.0.0.1, one thread per connection.
+
+It speaks Ollama's exact framing: a streamed reply is chunked NDJSON, one JSON object per
+chunk frame, and the status line and headers go out together with the first token. A
+``Script`` tells it how to answer and how to misbehave. The fake records every request body
+and when a client closed a stream on it.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DEFAULT_MODELS = ("llama3.2:1b", "qwen3:0.6b")
+
+
+@dataclass
+class Script:
+    """How the fake answers ``/api/chat``. The misbehaviours count tokens already sent."""
+
+    tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
+    thinking: list[str] = field(default_factory=list)
+    token_delay: float = 0.0
+    first_token_delay: float = 0.0
+    done_reason: str = "stop"
+    prompt_eval_count: int = 12
+    status: int = 200
+    error_text: str = "llama runner process has terminated: exit status 2"
+    error_after: int | None = None  # an {"error": ...} line after N tokens, then a clean end
+    drop_after: int | None = None  # close the socket after N tokens, with no final chunk
+    garbage_after: int | None = None  # a line that is not JSON after N tokens
+    end_without_done: bool = False  # end the body cleanly but leave out the done:true line
+    drop_before_headers: bool = False  # read the request, then close without answering
+    split_frames: bool = False  # each JSON line in two chunk frames, cut inside a character
+    one_frame: bool = False  # all lines of the reply in a single chunk frame
+
+
+class FakeOllama:
+    """Start with ``start()``, stop with ``stop()``; ``url`` is its base URL."""
+
+    def __init__(self, models: tuple[str, ...] = DEFAULT_MODELS) -> None:
+        self.models = set(models)
+        self.script = Script()
+        self.requests: list[dict[str, Any]] = []
+        self.tokens_sent = 0
+        self.stream_finished = threading.Event()
+        self.client_closed = threading.Event()
+        self.client_closed_at: float | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self.handler_errors: list[BaseException] = []
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.daemon_threads = False
+        self._server.block_on_close = True
+        self._server.fake = self
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,))
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeOllama:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        with self._lock:
+            for conn in self._connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._server.server_close()  # joins the handler threads
+        self._thread.join()
+
+    def chat_requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if r.get("_path") == "/api/chat"]
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep, unless the fake is stopping; return False if it is."""
+        return not self._stopping.wait(seconds)
+
+    def note_client_closed(self) -> None:
+        with self._lock:
+            if self.client_closed_at is None:
+                self.client_closed_at = time.monotonic()
+        self.client_closed.set()
+
+    def track(self, conn: socket.socket, add: bool) -> None:
+        with self._lock:
+            (self._connections.add if add else self._connections.discard)(conn)
+
+
+class _Server(ThreadingHTTPServer):
+    fake: FakeOllama
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client resetting an idle keep-alive connection is normal; anything else is a
+        # bug in the fake, which the fixture reports instead of printing it.
+        error = sys.exc_info()[1]
+        if error is not None and not isinstance(error, ConnectionError):
+            self.fake.handler_errors.append(error)
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """Encode like Go's encoding/json: compact, UTF-8, and <, >, & escaped."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return text.encode() + b"\n"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _frame(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeOllama"
+
+    @property
+    def fake(self) -> FakeOllama:
+        return self.server.fake  # type: ignore[attr-defined, no-any-return]
+
+    def setup(self) -> None:
+        super().setup()
+        self.fake.track(self.connection, True)
+
+    def finish(self) -> None:
+        self.fake.track(self.connection, False)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    # --- routes -----------------------------------------------------------------------
+
+    def do_HEAD(self) -> None:
+        if self.path == "/":
+            self._send(200, b"", "text/plain; charset=utf-8", length=len(b"Ollama is running"))
+        else:
+            self._send(404, b"", "text/plain", length=len(b"404 page not found"))
+
+    def do_GET(self) -> None:
+        if self.path == "/":
+            self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
+        elif self.path == "/api/version":
+            self._send_json(200, {"version": "0.33.0"})
+        elif self.path == "/api/tags":
+            names = sorted(self.fake.models)
+            models = [{"name": m, "model": m, "size": 1, "details": {}} for m in names]
+            self._send_json(200, {"models": models})
+        else:
+            self._send(404, b"404 page not found", "text/plain")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        body["_path"] = self.path
+        with self.fake._lock:
+            self.fake.requests.append(body)
+        if self.path != "/api/chat":
+            self._send(404, b"404 page not found", "text/plain")
+            return
+        script = self.fake.script
+        if script.drop_before_headers:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        model = body.get("model", "")
+        if model not in self.fake.models:
+            self._send_json(404, {"error": f"model '{model}' not found"})
+        elif script.status != 200:
+            self._send_json(script.status, {"error": script.error_text})
+        elif body.get("stream", True):
+            self._stream_chat(model, script)
+        else:
+            self._answer_chat(model, script)
+
+    # --- chat -------------------------------------------------------------------------
+
+    def _chunk(self, model: str, content: str = "", thinking: str = "") -> dict[str, Any]:
+        message = {"role": "assistant", "content": content}
+        if thinking:
+            message["thinking"] = thinking
+        return {"model": model, "created_at": _now(), "message": message, "done": False}
+
+    def _final(
+        self, model: str, script: Script, content: str = "", thinking: str = ""
+    ) -> dict[str, Any]:
+        final = self._chunk(model, content, thinking)
+        final.update(
+            done=True,
+            done_reason=script.done_reason,
+            total_duration=1_000_000,
+            prompt_eval_count=script.prompt_eval_count,
+            eval_count=len(script.tokens) + len(script.thinking),
+        )
+        return final
+
+    def _answer_chat(self, model: str, script: Script) -> None:
+        if script.first_token_delay and not self.fake.wait(script.first_token_delay):
+            return
+        final = self._final(model, script, "".join(script.tokens), "".join(script.thinking))
+        self._send_json(200, final)
+
+    def _stream_chat(self, model: str, script: Script) -> None:
+        lines = [encode(self._chunk(model, thinking=t)) for t in script.thinking]
+        lines += [encode(self._chunk(model, content=t)) for t in script.tokens]
+        if script.end_without_done:
+            lines.append(b"")
+        else:
+            lines.append(encode(self._final(model, script)))
+        if script.first_token_delay and not self.fake.wait(script.first_token_delay):
+            return
+        head = self._head(200, "application/x-ndjson", chunked=True)
+        self.close_connection = True
+        try:
+            if script.one_frame:
+                self._write(head + _frame(b"".join(lines)) + b"0\r\n\r\n")
+                self.fake.stream_finished.set()
+                return
+            for sent, line in enumerate(lines):
+                if sent == script.error_after:
+                    line = encode({"error": script.error_text})
+                    self._write(head + _frame(line) + b"0\r\n\r\n")
+                    return
+                if sent == script.garbage_after:
+                    line = b"this is not json\n"
+                if sent == script.drop_after:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if line:
+                    self._write_line(head, line, script.split_frames)
+                    head = b""
+                    self.fake.tokens_sent = sent + 1
+                last = sent == len(lines) - 1
+                if script.token_delay and not last and not self.fake.wait(script.token_delay):
+                    return
+            self._write(head + b"0\r\n\r\n")
+            self.close_connection = False
+            self.fake.stream_finished.set()
+        except (BrokenPipeError, ConnectionResetError):
+            self.fake.note_client_closed()
+
+    def _write_line(self, head: bytes, line: bytes, split: bool) -> None:
+        if not split:
+            self._write(head + _frame(line))
+            return
+        # Cut inside the first multi-byte character, or in the middle of an ASCII line.
+        cut = next((i + 1 for i, b in enumerate(line) if b >= 0x80), len(line) // 2)
+        self._write(head + _frame(line[:cut]))
+        time.sleep(0.005)  # so the two halves arrive in separate reads
+        self._write(_frame(line[cut:]))
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _head(
+        self, status: int, content_type: str, chunked: bool = False, length: int = 0
+    ) -> bytes:
+        lines = [
+            f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
+            f"Content-Type: {content_type}",
+            f"Date: {self.date_time_string()}",
+            "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}",
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def _write(self, data: bytes) -> None:
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def _send(self, status: int, body: bytes, content_type: str, length: int | None = None) -> None:
+        length = len(body) if length is None else length
+        self._write(self._head(status, content_type, length=length) + body)
+
+    def _send_json(self, status: int, obj: dict[str, Any]) -> None:
+        body = encode(obj).rstrip(b"\n")
+        if len(body) > 2048:  # Go's net/http switches to chunked encoding for larger bodies
+            self._write(self._head(status, "application/json; charset=utf-8", chunked=True)
+                        + _frame(body) + b"0\r\n\r\n")
+        else:
+            self._send(status, body, "application/json; charset=utf-8")

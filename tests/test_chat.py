@@ -1,0 +1,384 @@
+"""``POST /chat`` through the Flask test client, against the fake Ollama."""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from pi_agent import create_app
+from pi_agent.chat import TRUNCATED_LINE
+from pi_agent.memory import Turn
+
+from .conftest import state, unused_port
+from .fake_ollama import FakeOllama, Script
+
+
+def post_chat(client: FlaskClient, **body: Any) -> Any:
+    return client.post("/chat", json={"message": "hello", **body})
+
+
+def history(app: Flask, conversation_id: str) -> list[Turn]:
+    memory = state(app).memory
+    assert memory is not None
+    return memory.get_history(conversation_id)
+
+
+# --- the happy path ------------------------------------------------------------------
+
+
+def test_reply_has_every_field(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    response = post_chat(client)
+    assert response.status_code == 200
+    body = response.get_json()
+    uuid.UUID(body["conversation_id"])  # a new conversation gets a uuid4
+    assert body == {
+        "reply": "Hello, world!",
+        "conversation_id": body["conversation_id"],
+        "agent": "general",
+        "model": "llama3.2:1b",
+        "provider": "ollama",
+        "done_reason": "stop",
+        "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16},
+    }
+    assert response.headers["X-Conversation-Id"] == body["conversation_id"]
+
+
+def test_upstream_request_is_explicit(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    post_chat(client, message="what is a Pi?")
+    (sent,) = fake_ollama.chat_requests()
+    assert sent["model"] == "llama3.2:1b"
+    assert sent["stream"] is False
+    assert sent["options"] == {"temperature": 0.7, "num_ctx": 2048, "num_predict": 512}
+    assert sent["keep_alive"] == "30m"
+    system, user = sent["messages"]
+    assert system["role"] == "system" and "assistant" in system["content"]
+    assert user == {"role": "user", "content": "what is a Pi?"}
+
+
+def test_configured_options_and_integer_keep_alive_are_sent(
+    app_config: dict[str, Any], fake_ollama: FakeOllama
+) -> None:
+    app_config.update(MODEL="qwen3:0.6b", TEMPERATURE=0.1, NUM_CTX=1024, NUM_PREDICT=64,
+                      KEEP_ALIVE="-1")
+    app = create_app(app_config)
+    try:
+        assert app.test_client().post("/chat", json={"message": "x"}).status_code == 200
+    finally:
+        state(app).provider.close()
+    (sent,) = fake_ollama.chat_requests()
+    assert sent["model"] == "qwen3:0.6b"
+    assert sent["options"] == {"temperature": 0.1, "num_ctx": 1024, "num_predict": 64}
+    # "-1" as a string is rejected by Ollama; the number -1 keeps the model loaded.
+    assert sent["keep_alive"] == -1
+
+
+def test_agent_preset_applies(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    response = post_chat(client, agent="coder")
+    assert response.get_json()["agent"] == "coder"
+    (sent,) = fake_ollama.chat_requests()
+    assert "programming" in sent["messages"][0]["content"]
+    assert sent["options"]["temperature"] == 0.2
+
+
+def test_length_reaches_the_client(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    fake_ollama.script = Script(tokens=["cut", " off"], done_reason="length")
+    assert post_chat(client).get_json()["done_reason"] == "length"
+
+
+def test_thinking_is_not_part_of_the_reply(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    fake_ollama.script = Script(thinking=["Let me", " think"], tokens=["42"])
+    assert post_chat(client).get_json()["reply"] == "42"
+    response = post_chat(client, stream=True)
+    assert response.data == b"42"
+
+
+# --- streaming ----------------------------------------------------------------------
+
+
+def test_stream_headers_and_body(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    response = post_chat(client, stream=True, conversation_id="my-chat_1")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert response.headers["X-Conversation-Id"] == "my-chat_1"
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Length" not in response.headers
+    assert response.data == b"Hello, world!"
+    assert fake_ollama.chat_requests()[0]["stream"] is True
+
+
+def test_stream_yields_one_piece_per_token(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    fake_ollama.script = Script(tokens=["a", "b", "c"])
+    response = client.post("/chat", json={"message": "x", "stream": True}, buffered=False)
+    try:
+        assert list(response.response) == [b"a", b"b", b"c"]
+    finally:
+        response.close()
+
+
+@pytest.mark.parametrize("framing", ["split_frames", "one_frame"])
+def test_multibyte_text_survives_any_framing(
+    client: FlaskClient, fake_ollama: FakeOllama, framing: str
+) -> None:
+    tokens = ["Grüße", " 🍓", " 日本語", " <&>"]
+    fake_ollama.script = Script(tokens=tokens, **{framing: True})
+    response = post_chat(client, stream=True)
+    assert response.data.decode("utf-8") == "".join(tokens)
+
+
+def test_stream_marks_a_truncated_reply(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    fake_ollama.script = Script(tokens=["cut", " off"], done_reason="length")
+    response = post_chat(client, stream=True)
+    assert response.data == b"cut off" + TRUNCATED_LINE
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        Script(tokens=["partial", " answer", " more"], error_after=2),
+        Script(tokens=["partial", " answer", " more"], drop_after=2),
+        Script(tokens=["partial", " answer", " more"], garbage_after=2),
+        Script(tokens=["partial", " answer"], end_without_done=True),
+    ],
+    ids=["error-line", "dropped", "garbage", "no-done"],
+)
+def test_failure_mid_stream_ends_with_error_line(
+    app: Flask, client: FlaskClient, fake_ollama: FakeOllama, script: Script
+) -> None:
+    fake_ollama.script = script
+    response = post_chat(client, stream=True, conversation_id="c1")
+    assert response.status_code == 200
+    text = response.data.decode()
+    assert text.startswith("partial answer\n[error] ")
+    assert text.endswith("\n") and text.count("[error]") == 1
+    # Neither the upstream's error text nor its address reaches the client.
+    assert "llama runner" not in text and "127.0.0.1" not in text
+    assert history(app, "c1") == []
+
+
+def test_disconnect_closes_upstream_and_keeps_partial_answer(
+    app: Flask, client: FlaskClient, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script = Script(tokens=[f"t{i} " for i in range(200)], token_delay=0.01)
+    response = client.post(
+        "/chat", json={"message": "long story", "stream": True, "conversation_id": "c2"},
+        buffered=False,
+    )
+    pieces = iter(response.response)
+    received = [next(pieces), next(pieces)]
+    response.close()  # what the WSGI server does when the client goes away
+    assert fake_ollama.client_closed.wait(2)
+    assert not fake_ollama.stream_finished.is_set()
+    (turn,) = history(app, "c2")
+    assert turn.user == "long story"
+    assert turn.partial is True
+    assert turn.assistant.startswith(b"".join(received).decode())
+
+
+# --- memory -------------------------------------------------------------------------
+
+
+def test_turns_are_remembered_in_order(
+    app: Flask, client: FlaskClient, fake_ollama: FakeOllama
+) -> None:
+    cid = post_chat(client, message="first").get_json()["conversation_id"]
+    fake_ollama.script = Script(tokens=["second ", "answer"])
+    assert post_chat(client, message="second", conversation_id=cid, stream=True).data
+    post_chat(client, message="third", conversation_id=cid)
+    messages = fake_ollama.chat_requests()[-1]["messages"]
+    assert [(m["role"], m["content"]) for m in messages[1:]] == [
+        ("user", "first"), ("assistant", "Hello, world!"),
+        ("user", "second"), ("assistant", "second answer"),
+        ("user", "third"),
+    ]
+    assert [t.partial for t in history(app, cid)] == [False, False, False]
+
+
+def test_conversations_are_separate(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    post_chat(client, message="for a", conversation_id="a")
+    post_chat(client, message="for b", conversation_id="b")
+    assert len(fake_ollama.chat_requests()[-1]["messages"]) == 2
+
+
+def test_memory_can_be_turned_off(app_config: dict[str, Any], fake_ollama: FakeOllama) -> None:
+    app = create_app({**app_config, "ENABLE_MEMORY": False})
+    try:
+        client = app.test_client()
+        post_chat(client, conversation_id="same")
+        assert post_chat(client, conversation_id="same", stream=True).data
+    finally:
+        state(app).provider.close()
+    assert state(app).memory is None
+    assert [len(r["messages"]) for r in fake_ollama.chat_requests()] == [2, 2]
+
+
+def test_failed_turn_is_not_remembered(
+    app: Flask, client: FlaskClient, fake_ollama: FakeOllama
+) -> None:
+    post_chat(client, conversation_id="keep")
+    fake_ollama.script = Script(status=500)
+    assert post_chat(client, conversation_id="keep").status_code == 502
+    assert [t.assistant for t in history(app, "keep")] == ["Hello, world!"]
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    body = response.get_json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "data, content_type",
+    [
+        (b'{"message": "hi"', "application/json"),
+        (b"message=hi", "application/x-www-form-urlencoded"),
+        (b'{"message": "hi"}', "text/plain"),
+        (b'{"message": "hi"}', None),
+        (b'{"message": "\xff\xfe"}', "application/json"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+        (b"", "application/json"),
+    ],
+    ids=["truncated", "form", "text-plain", "no-type", "bad-utf8", "deep", "empty"],
+)
+def test_body_that_is_not_json_is_400(
+    app: Flask, client: FlaskClient, fake_ollama: FakeOllama, data: bytes, content_type: str | None
+) -> None:
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    response = client.post("/chat", data=data, content_type=content_type)
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "invalid_request"
+    assert fake_ollama.requests == []
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "message"),
+        ({"message": ""}, "message"),
+        ({"message": "x" * 4001}, "message"),
+        ({"message": 42}, "message"),
+        ({"message": None}, "message"),
+        ({"message": "\ud800"}, "message"),
+        ({"message": "hi", "stream": "yes"}, "stream"),
+        ({"message": "hi", "agent": ""}, "agent"),
+        ({"message": "hi", "agent": "../etc"}, "agent"),
+        ({"message": "hi", "conversation_id": ""}, "conversation_id"),
+        ({"message": "hi", "conversation_id": "a" * 129}, "conversation_id"),
+        ({"message": "hi", "conversation_id": "../../etc/passwd"}, "conversation_id"),
+        ({"message": "hi", "conversation_id": "abc\r\nX-Injected: 1"}, "conversation_id"),
+        ({"message": "hi", "conversation_id": "abc\n"}, "conversation_id"),
+        ({"message": "hi", "conversation_id": 7}, "conversation_id"),
+        ({"message": "hi", "strem": True}, "strem"),
+    ],
+)
+def test_invalid_fields_are_422(
+    app: Flask, client: FlaskClient, fake_ollama: FakeOllama, body: dict[str, Any], field: str
+) -> None:
+    response = client.post("/chat", data=json.dumps(body), content_type="application/json")
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["code"] == "validation_error"
+    assert [f["field"] for f in error["fields"]] == [field]
+    assert "X-Injected" not in response.headers and "X-Conversation-Id" not in response.headers
+    # The rejected input is not echoed back.
+    assert "passwd" not in response.get_data(as_text=True)
+    assert fake_ollama.requests == [] and len(state(app).memory or []) == 0
+
+
+def test_body_that_is_a_list_is_422(client: FlaskClient) -> None:
+    response = client.post("/chat", json=["hello"])
+    assert response.status_code == 422
+    assert error_of(response)["fields"] == [
+        {
+            "field": "body",
+            "problem": "Input should be a valid dictionary or instance of ChatRequest",
+        }
+    ]
+
+
+def test_unknown_agent_is_404(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    response = post_chat(client, agent="nobody")
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "agent_not_found"
+    assert fake_ollama.requests == []
+
+
+def test_body_over_the_limit_is_413(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    body = b" " * (65 * 1024) + b"{}"
+    response = client.post("/chat", data=body, content_type="application/json")
+    assert response.status_code == 413
+    assert error_of(response)["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("method", ["get", "put", "delete"])
+def test_wrong_method_is_405(client: FlaskClient, method: str) -> None:
+    response = getattr(client, method)("/chat")
+    assert response.status_code == 405
+    assert error_of(response)["code"] == "method_not_allowed"
+    assert "POST" in response.headers["Allow"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "script, status, code",
+    [
+        (Script(status=500), 502, "upstream_error"),
+        (Script(status=400, error_text="invalid options"), 502, "upstream_error"),
+        (Script(drop_before_headers=True), 502, "upstream_protocol_error"),
+        (Script(first_token_delay=10), 504, "upstream_timeout"),
+    ],
+    ids=["500", "400", "dropped", "hang"],
+)
+def test_upstream_failure_before_first_byte(
+    app_config: dict[str, Any], fake_ollama: FakeOllama,
+    script: Script, status: int, code: str, stream: bool,
+) -> None:
+    app_config["READ_TIMEOUT"] = 0.3
+    app = create_app(app_config)
+    fake_ollama.script = script
+    try:
+        response = post_chat(app.test_client(), stream=stream, conversation_id="c9")
+    finally:
+        state(app).provider.close()
+    assert response.status_code == status
+    assert error_of(response)["code"] == code
+    assert response.headers["X-Conversation-Id"] == "c9"
+    text = response.get_data(as_text=True)
+    assert "127.0.0.1" not in text and "Traceback" not in text and "llama runner" not in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_model_not_pulled_is_502_naming_it(
+    app_config: dict[str, Any], fake_ollama: FakeOllama, stream: bool
+) -> None:
+    app = create_app({**app_config, "MODEL": "mistral:7b"})
+    try:
+        response = post_chat(app.test_client(), stream=stream)
+    finally:
+        state(app).provider.close()
+    assert response.status_code == 502
+    error = error_of(response)
+    assert error["code"] == "model_not_found"
+    assert "mistral:7b" in error["message"] and "ollama pull mistral:7b" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ollama_not_running_is_503(app_config: dict[str, Any], stream: bool) -> None:
+    port = unused_port()
+    app = create_app({**app_config, "OLLAMA_URL": f"http://127.0.0.1:{port}"})
+    try:
+        response = post_chat(app.test_client(), stream=stream)
+    finally:
+        state(app).provider.close()
+    assert response.status_code == 503
+    error = error_of(response)
+    assert error["code"] == "upstream_unavailable"
+    assert str(port) not in error["message"]

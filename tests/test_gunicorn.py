@@ -1,0 +1,199 @@
+"""Full stack: gunicorn with the project's gunicorn.conf.py and the gevent worker, in a
+subprocess, in front of the fake Ollama."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from .fake_ollama import FakeOllama, Script
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_SECONDS = 30
+
+
+def gunicorn_command() -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+
+
+def server_env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PI_AGENT_")}
+    env.update({f"PI_AGENT_{k}": v for k, v in settings.items()})
+    return env
+
+
+class Gunicorn:
+    """A gunicorn master and its worker, started on 127.0.0.1 port 0 and stopped by pid."""
+
+    def __init__(self, log: Path, **settings: str) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                gunicorn_command(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                env=server_env(BIND="127.0.0.1:0", **settings),
+            )
+        try:
+            self.url = self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> str:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        url = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited early:\n{self.log.read_text()}")
+            if url is None:
+                found = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", self.log.read_text())
+                url = found.group(1) if found else None
+            if url is not None:
+                try:
+                    if requests.get(url + "/health", timeout=1).status_code == 200:
+                        return url
+                except requests.ConnectionError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gunicorn not ready in {STARTUP_SECONDS} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOllama]:
+    fake = FakeOllama().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+    assert fake.handler_errors == []
+
+
+@pytest.fixture(scope="module")
+def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
+    server = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "server.log", OLLAMA_URL=upstream.url)
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log.read_text()
+
+
+@pytest.fixture
+def fake(upstream: FakeOllama) -> FakeOllama:
+    """The module's fake Ollama, reset for one test."""
+    upstream.script = Script()
+    upstream.tokens_sent = 0
+    upstream.stream_finished.clear()
+    upstream.client_closed.clear()
+    upstream.client_closed_at = None
+    return upstream
+
+
+def open_stream(server: Gunicorn, **body: object) -> requests.Response:
+    response = requests.post(
+        server.url + "/chat", json={"message": "tell me", "stream": True, **body},
+        stream=True, timeout=(3, 10),
+    )
+    assert response.status_code == 200
+    return response
+
+
+def test_tokens_are_flushed_one_by_one(server: Gunicorn, fake: FakeOllama) -> None:
+    tokens = [f"w{i} " for i in range(20)]
+    fake.script = Script(tokens=tokens, token_delay=0.05)
+    with open_stream(server) as response:
+        assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert response.headers["X-Accel-Buffering"] == "no"
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        pieces = response.iter_content(chunk_size=None)
+        first = next(pieces)
+        # The first token is here while the fake upstream is still sending the others.
+        assert not fake.stream_finished.is_set()
+        assert fake.tokens_sent < len(tokens)
+        rest = list(pieces)
+    assert [first, *rest] == [t.encode() for t in tokens]  # one chunk frame per token
+
+
+def test_disconnect_closes_upstream_within_a_second(server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(tokens=[f"t{i} " for i in range(400)], token_delay=0.02)
+    response = open_stream(server, conversation_id="gone-away")
+    pieces = response.iter_content(chunk_size=None)
+    received = next(pieces) + next(pieces)
+    response.close()
+    closed_by_client = time.monotonic()
+    assert fake.client_closed.wait(5), "the upstream stream was never closed"
+    assert fake.client_closed_at is not None
+    assert fake.client_closed_at - closed_by_client < 1.0
+    assert not fake.stream_finished.is_set()
+
+    # The partial answer was remembered: it is in the next turn's history.
+    fake.script = Script(tokens=["ok"])
+    follow_up = requests.post(
+        server.url + "/chat", json={"message": "and?", "conversation_id": "gone-away"}, timeout=10
+    )
+    assert follow_up.json()["reply"] == "ok"
+    remembered = fake.chat_requests()[-1]["messages"][-2]
+    assert remembered["role"] == "assistant"
+    assert remembered["content"].startswith(received.decode())
+
+
+def test_streams_run_concurrently(server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(tokens=[f"t{i} " for i in range(40)], token_delay=0.05)
+    first = open_stream(server)
+    second = open_stream(server)
+    try:
+        # Both streams deliver while both are open: the gevent worker serves them together.
+        assert next(first.iter_content(chunk_size=None)) == b"t0 "
+        assert next(second.iter_content(chunk_size=None)) == b"t0 "
+    finally:
+        first.close()
+        second.close()
+
+
+def test_non_stream_reply_and_errors(server: Gunicorn, fake: FakeOllama) -> None:
+    reply = requests.post(server.url + "/chat", json={"message": "hi"}, timeout=10)
+    assert reply.status_code == 200 and reply.json()["reply"] == "Hello, world!"
+    assert reply.headers["X-Conversation-Id"] == reply.json()["conversation_id"]
+    bad = requests.post(server.url + "/chat", data=b"{", timeout=10,
+                        headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+    fake.script = Script(tokens=["a", "b", "c"], error_after=1)
+    with open_stream(server) as response:
+        assert response.text == "a\n[error] the model server answered with an error\n"
+
+
+def test_bad_setting_stops_startup_with_one_line() -> None:
+    result = subprocess.run(
+        gunicorn_command(), cwd=ROOT, capture_output=True, text=True, timeout=STARTUP_SECONDS,
+        env=server_env(BIND="127.0.0.1:0", NUM_CTX="abc"),
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("pi-agent: invalid setting PI_AGENT_NUM_CTX='abc': ")
+    assert "Traceback" not in result.stderr and "Booting worker" not in result.stderr
+
+
+def test_config_file_loads_neither_ssl_nor_requests() -> None:
+    check = (
+        "import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
+        "print(sorted(m for m in ('ssl', 'requests', 'flask') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True,
+                            text=True, timeout=STARTUP_SECONDS, env=server_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,3 @@
+from pi_agent import create_app
+
+app = create_app()
