@@ -29,3 +29,6 @@ keepalive = 5
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()
+# gunicorn 24+ opens a control socket in a shared path by default; nothing here uses it, and
+# two servers on one machine would fight over it. Older versions ignore the name.
+control_socket_disable = True

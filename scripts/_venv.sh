@@ -12,9 +12,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "creating the virtual environment in $VENV" >&2
     "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$EXTRAS-$("$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(open("setup.cfg","rb").read()).hexdigest()[:16])')"
-if [ ! -f "$stamp" ]; then
+stamp="$VENV/.installed-$("$VENV/bin/python" -c 'import hashlib; print(hashlib.sha256(open("setup.cfg","rb").read()).hexdigest()[:16])')"
+# The stamp lists the extras installed for this setup.cfg; "[test]" also serves the server.
+if ! { [ -f "$stamp" ] && { [ -z "$EXTRAS" ] || grep -qxF "$EXTRAS" "$stamp"; }; }; then
     echo "installing Pi Agent Server into $VENV" >&2
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".$EXTRAS"
-    touch "$stamp"
+    echo "$EXTRAS" >> "$stamp"
 fi

@@ -7,11 +7,13 @@ and when a client closed a stream on it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,11 +46,12 @@ class Script:
 class FakeOllama:
     """Start with ``start()``, stop with ``stop()``; ``url`` is its base URL."""
 
-    def __init__(self, models: tuple[str, ...] = DEFAULT_MODELS) -> None:
+    def __init__(self, models: tuple[str, ...] = DEFAULT_MODELS, port: int = 0) -> None:
         self.models = set(models)
         self.script = Script()
-        self.requests: list[dict[str, Any]] = []
+        self.requests: deque[dict[str, Any]] = deque(maxlen=10_000)
         self.tokens_sent = 0
+        self.connections_accepted = 0
         self.stream_finished = threading.Event()
         self.client_closed = threading.Event()
         self.client_closed_at: float | None = None
@@ -56,7 +59,7 @@ class FakeOllama:
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self.handler_errors: list[BaseException] = []
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.daemon_threads = False
         self._server.block_on_close = True
         self._server.fake = self
@@ -99,7 +102,11 @@ class FakeOllama:
 
     def track(self, conn: socket.socket, add: bool) -> None:
         with self._lock:
-            (self._connections.add if add else self._connections.discard)(conn)
+            if add:
+                self._connections.add(conn)
+                self.connections_accepted += 1
+            else:
+                self._connections.discard(conn)
 
 
 class _Server(ThreadingHTTPServer):
@@ -298,3 +305,27 @@ class _Handler(BaseHTTPRequestHandler):
                         + _frame(body) + b"0\r\n\r\n")
         else:
             self._send(status, body, "application/json; charset=utf-8")
+
+
+def main() -> None:
+    """Serve the fake on a fixed port, to try the server and its curl examples without a model."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--token-delay", type=float, default=0.15, help="seconds between tokens")
+    args = parser.parse_args()
+    fake = FakeOllama(port=args.port)
+    words = "Hello! I am the fake Ollama of the test suite, answering one word at a time."
+    fake.script = Script(tokens=[" " + w for w in words.split()], token_delay=args.token_delay)
+    fake.start()
+    print(f"fake Ollama at {fake.url} with models {', '.join(sorted(fake.models))}; Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -255,7 +255,7 @@ def test_body_that_is_not_json_is_400(
     response = client.post("/chat", data=data, content_type=content_type)
     assert response.status_code == 400
     assert error_of(response)["code"] == "invalid_request"
-    assert fake_ollama.requests == []
+    assert not fake_ollama.requests
 
 
 @pytest.mark.parametrize(
@@ -290,7 +290,7 @@ def test_invalid_fields_are_422(
     assert "X-Injected" not in response.headers and "X-Conversation-Id" not in response.headers
     # The rejected input is not echoed back.
     assert "passwd" not in response.get_data(as_text=True)
-    assert fake_ollama.requests == [] and len(state(app).memory or []) == 0
+    assert not fake_ollama.requests and len(state(app).memory or []) == 0
 
 
 def test_body_that_is_a_list_is_422(client: FlaskClient) -> None:
@@ -308,7 +308,7 @@ def test_unknown_agent_is_404(client: FlaskClient, fake_ollama: FakeOllama) -> N
     response = post_chat(client, agent="nobody")
     assert response.status_code == 404
     assert error_of(response)["code"] == "agent_not_found"
-    assert fake_ollama.requests == []
+    assert not fake_ollama.requests
 
 
 def test_body_over_the_limit_is_413(client: FlaskClient, fake_ollama: FakeOllama) -> None:
@@ -382,3 +382,22 @@ def test_ollama_not_running_is_503(app_config: dict[str, Any], stream: bool) -> 
     error = error_of(response)
     assert error["code"] == "upstream_unavailable"
     assert str(port) not in error["message"]
+
+
+def test_upstream_silent_mid_stream_times_out(
+    app_config: dict[str, Any], fake_ollama: FakeOllama
+) -> None:
+    app = create_app({**app_config, "READ_TIMEOUT": 0.3})
+    fake_ollama.script = Script(tokens=["slow", " model"], token_delay=3)
+    try:
+        response = post_chat(app.test_client(), stream=True)
+    finally:
+        state(app).provider.close()
+    assert response.data == b"slow\n[error] the model server did not answer in time\n"
+
+
+def test_connections_to_ollama_are_reused(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    for stream in (False, True, True, False, True):
+        assert post_chat(client, stream=stream).data
+    assert len(fake_ollama.chat_requests()) == 5
+    assert fake_ollama.connections_accepted == 1
