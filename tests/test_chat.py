@@ -282,6 +282,11 @@ def test_body_that_is_not_json_is_400(
 def test_invalid_fields_are_422(
     app: Flask, client: FlaskClient, fake_ollama: FakeOllama, body: dict[str, Any], field: str
 ) -> None:
+    memory = state(app).memory
+    assert memory is not None
+    kept = Turn("earlier", "answer")
+    memory.append_turn("keep", kept)
+    body = {"conversation_id": "keep", **body}
     response = client.post("/chat", data=json.dumps(body), content_type="application/json")
     assert response.status_code == 422
     error = error_of(response)
@@ -290,7 +295,8 @@ def test_invalid_fields_are_422(
     assert "X-Injected" not in response.headers and "X-Conversation-Id" not in response.headers
     # The rejected input is not echoed back.
     assert "passwd" not in response.get_data(as_text=True)
-    assert not fake_ollama.requests and len(state(app).memory or []) == 0
+    assert not fake_ollama.requests
+    assert len(memory) == 1 and memory.get_history("keep") == [kept]
 
 
 def test_body_that_is_a_list_is_422(client: FlaskClient) -> None:
