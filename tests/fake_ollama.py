@@ -36,7 +36,8 @@ class Script:
     error_text: str = "llama runner process has terminated: exit status 2"
     error_after: int | None = None  # an {"error": ...} line after N tokens, then a clean end
     drop_after: int | None = None  # close the socket after N tokens, with no final chunk
-    garbage_after: int | None = None  # a line that is not JSON after N tokens
+    garbage_after: int | None = None  # garbage_line after N tokens
+    garbage_line: bytes = b"this is not json\n"
     end_without_done: bool = False  # end the body cleanly but leave out the done:true line
     drop_before_headers: bool = False  # read the request, then close without answering
     split_frames: bool = False  # each JSON line in two chunk frames, cut inside a character
@@ -250,7 +251,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self._write(head + _frame(line) + b"0\r\n\r\n")
                     return
                 if sent == script.garbage_after:
-                    line = b"this is not json\n"
+                    line = script.garbage_line
                 if sent == script.drop_after:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return

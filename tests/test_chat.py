@@ -143,8 +143,19 @@ def test_stream_marks_a_truncated_reply(client: FlaskClient, fake_ollama: FakeOl
         Script(tokens=["partial", " answer", " more"], drop_after=2),
         Script(tokens=["partial", " answer", " more"], garbage_after=2),
         Script(tokens=["partial", " answer"], end_without_done=True),
+        Script(tokens=["partial", " answer", " more"], garbage_after=2,
+               garbage_line=b'{"message":{"role":"assistant","content":5},"done":false}\n'),
+        Script(tokens=["partial", " answer", " more"], garbage_after=2,
+               garbage_line=b'["not", "an", "object"]\n'),
+        Script(tokens=["partial", " answer", " more"], garbage_after=2,
+               garbage_line=b'{"message":"text","done":false}\n'),
+        Script(tokens=["partial", " answer", " more"], garbage_after=2,
+               garbage_line=b'{"message":{"content":"\xff"},"done":false}\n'),
+        Script(tokens=["partial", " answer"], garbage_after=2,
+               garbage_line=b'{"message":{"content":""},"done":true,"eval_count":"3"}\n'),
     ],
-    ids=["error-line", "dropped", "garbage", "no-done"],
+    ids=["error-line", "dropped", "garbage", "no-done", "content-not-text", "not-an-object",
+         "message-not-object", "bad-utf8", "count-not-int"],
 )
 def test_failure_mid_stream_ends_with_error_line(
     app: Flask, client: FlaskClient, fake_ollama: FakeOllama, script: Script

@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 3.0
 # A cold model load on a Raspberry Pi takes minutes, and Ollama sends no byte before it ends.
 DEFAULT_READ_TIMEOUT = 300.0
+# Connections kept open to Ollama for reuse: one per concurrent stream, up to about
+# gunicorn's worker_connections, so that a burst does not open and drop connections (and log
+# a warning for each) once requests' default of 10 is passed.
+POOL_SIZE = 1024
 # One NDJSON line is one token's object; a "line" this long means the stream is not NDJSON.
 MAX_LINE_BYTES = 1024 * 1024
 
@@ -50,7 +54,19 @@ class OllamaProvider:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
-        self.session = session or requests.Session()
+        if session is None:
+            session = requests.Session()
+            # Ollama is a local server: proxy variables meant for the internet must not
+            # reroute it, and reading them (and .netrc) on every call doubles requests' cost.
+            session.trust_env = False
+            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self.session = session
+        # The session's headers are merged into the request once, not on every call.
+        self._chat_request = session.prepare_request(requests.Request(
+            "POST", self.base_url + "/api/chat", headers={"Content-Type": "application/json"}
+        ))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OllamaProvider:
@@ -63,14 +79,11 @@ class OllamaProvider:
         """
         response = self._post_chat(call, stream=False)
         try:
-            data = response.json()
+            chunk = _parse_line(response.content)
         except requests.RequestException as exc:
             raise _translate(exc) from exc
-        except ValueError as exc:
-            raise UpstreamProtocolError() from exc
         finally:
             response.close()
-        chunk = _parse_chunk(data)
         if not chunk.done:
             logger.warning("ollama sent a non-stream reply without done:true")
             raise UpstreamProtocolError()
@@ -94,11 +107,11 @@ class OllamaProvider:
             "options": call.options,
             "keep_alive": call.keep_alive,
         }
+        request = self._chat_request.copy()
+        request.prepare_body(json.dumps(payload).encode(), None)
         started = time.perf_counter()
         try:
-            response = self.session.post(
-                self.base_url + "/api/chat", json=payload, stream=stream, timeout=self.timeout
-            )
+            response = self.session.send(request, stream=stream, timeout=self.timeout)
         except requests.RequestException as exc:
             raise _translate(exc) from exc
         logger.info(
@@ -130,19 +143,20 @@ class OllamaStream:
         try:
             # chunk_size=None yields each chunk frame as it arrives: one token per frame.
             for data in self._response.iter_content(chunk_size=None):
-                *lines, pending = (pending + data).split(b"\n")
+                lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
+                pending = lines.pop()
                 if len(pending) > MAX_LINE_BYTES:
                     logger.warning("ollama sent a line of more than %d bytes", MAX_LINE_BYTES)
                     raise UpstreamProtocolError()
                 for line in lines:
-                    if line.strip() and not finished:
-                        chunk = _parse_chunk(_decode_line(line))
+                    if not finished and line.strip():
+                        chunk = _parse_line(line)
                         finished = chunk.done
                         yield chunk
         except requests.RequestException as exc:
             raise _translate(exc) from exc
-        if pending.strip() and not finished:
-            chunk = _parse_chunk(_decode_line(pending))
+        if not finished and pending.strip():
+            chunk = _parse_line(pending)
             finished = chunk.done
             yield chunk
         if not finished:
@@ -155,12 +169,13 @@ class OllamaStream:
         self._response.close()
 
 
-def _decode_line(line: bytes) -> Any:
+def _parse_line(line: bytes) -> ChatChunk:
     try:
-        return json.loads(line)
-    except ValueError as exc:
+        data = json.loads(line.decode())
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         logger.warning("ollama sent a line that is not JSON: %.200r", line)
         raise UpstreamProtocolError() from exc
+    return _parse_chunk(data)
 
 
 def _parse_chunk(data: Any) -> ChatChunk:
@@ -173,16 +188,20 @@ def _parse_chunk(data: Any) -> ChatChunk:
     message = data.get("message") or {}
     if not isinstance(message, dict):
         raise UpstreamProtocolError()
-    done = data.get("done") is True
-    return ChatChunk(
-        content=message.get("content") or "",
-        thinking=message.get("thinking") or "",
-        done=done,
-        # Old Ollama versions leave done_reason out of the final chunk.
-        done_reason=(data.get("done_reason") or "stop") if done else "",
-        prompt_tokens=data.get("prompt_eval_count") or 0,
-        completion_tokens=data.get("eval_count") or 0,
-    )
+    content = message.get("content") or ""
+    thinking = message.get("thinking") or ""
+    if not isinstance(content, str) or not isinstance(thinking, str):
+        logger.warning("ollama sent a chunk whose message is not text")
+        raise UpstreamProtocolError()
+    if data.get("done") is not True:
+        return ChatChunk(content, thinking)
+    prompt_tokens = data.get("prompt_eval_count") or 0
+    completion_tokens = data.get("eval_count") or 0
+    if not isinstance(prompt_tokens, int) or not isinstance(completion_tokens, int):
+        raise UpstreamProtocolError()
+    # Old Ollama versions leave done_reason out of the final chunk.
+    done_reason = str(data.get("done_reason") or "stop")
+    return ChatChunk(content, thinking, True, done_reason, prompt_tokens, completion_tokens)
 
 
 def _status_error(response: requests.Response, model: str) -> ProviderError:
