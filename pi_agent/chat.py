@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import logging
+import select
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, g, jsonify, request
 
 from .agents import Agent, find_agent
 from .config import Settings
@@ -22,6 +26,9 @@ bp = Blueprint("chat", __name__)
 
 # A reply cut at num_predict must never pass for a complete one, also in plain text.
 TRUNCATED_LINE = b"\n[truncated] the reply reached the num_predict limit\n"
+
+# How often a stream that writes nothing (the model is thinking) checks for its client.
+CLIENT_CHECK_SECONDS = 0.5
 
 # Stores a finished or partial answer; built before the stream starts, so it holds plain values.
 Recorder = Callable[[str, bool, str], None]
@@ -43,10 +50,10 @@ def chat() -> Response:
     answer) happens before the stream starts.
     """
     body = parse_body(ChatRequest)
-    agent = find_agent(body.agent)
-    state = current_state()
     conversation_id = body.conversation_id or str(uuid.uuid4())
     g.conversation_id = conversation_id
+    agent = find_agent(body.agent)
+    state = current_state()
     history = state.memory.get_history(conversation_id) if state.memory is not None else []
     call = build_call(agent, state.settings, history, body.message)
     record = _recorder(state.memory, conversation_id, body.message)
@@ -54,7 +61,7 @@ def chat() -> Response:
     if body.stream:
         stream = state.provider.stream_chat(call)
         return Response(
-            relay_text(stream, record),
+            relay_text(stream, record, _disconnect_probe(request.environ)),
             content_type="text/plain; charset=utf-8",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -92,23 +99,32 @@ def build_call(agent: Agent, settings: Settings, history: list[Turn], message: s
     )
 
 
-def relay_text(stream: ChatStream, record: Recorder) -> Iterator[bytes]:
+def relay_text(
+    stream: ChatStream, record: Recorder, client_gone: Callable[[], bool]
+) -> Iterator[bytes]:
     """Yield each token as UTF-8 as it arrives; close the upstream however the stream ends.
 
     A failure after the first byte cannot change the status any more, so it ends the text
     with one ``[error] <message>`` line. A client that goes away shows up here as
-    ``GeneratorExit``: the upstream is closed at once, and the answer so far is remembered
-    as partial.
+    ``GeneratorExit`` at the next write: the upstream is closed at once, and the answer so
+    far is remembered as partial. While the model only thinks nothing is written, so then
+    ``client_gone`` is asked instead, every ``CLIENT_CHECK_SECONDS``.
     """
     pieces: list[str] = []
     done_reason = ""
     failed = False
+    next_check = time.monotonic() + CLIENT_CHECK_SECONDS
     try:
         for chunk in stream:
             # Thinking chunks carry empty content, so they are never written as answer text.
             if chunk.content:
                 pieces.append(chunk.content)
                 yield chunk.content.encode()
+            elif not chunk.done and time.monotonic() >= next_check:
+                if client_gone():
+                    logger.info("client went away while the model was thinking")
+                    return
+                next_check = time.monotonic() + CLIENT_CHECK_SECONDS
             if chunk.done:
                 done_reason = chunk.done_reason
         if done_reason == "length":
@@ -123,6 +139,27 @@ def relay_text(stream: ChatStream, record: Recorder) -> Iterator[bytes]:
             record("".join(pieces), False, done_reason)
         elif not failed:
             record("".join(pieces), True, "")
+
+
+def _disconnect_probe(environ: dict[str, Any]) -> Callable[[], bool]:
+    """Return a check that the client closed its connection, without writing to it.
+
+    gunicorn puts the client socket in the environ; other WSGI servers may not, and then the
+    check says no and a disconnect is noticed at the next write.
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return lambda: False
+
+    def client_gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            # Readable with nothing to read is the end of the connection.
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    return client_gone
 
 
 def _recorder(memory: MemoryStore | None, conversation_id: str, message: str) -> Recorder:

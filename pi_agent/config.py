@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_PREFIX = "PI_AGENT_"
 
+DEFAULT_CONNECT_TIMEOUT = 3.0
+# A cold model load on a Raspberry Pi takes minutes, and Ollama sends no byte before it ends.
+DEFAULT_READ_TIMEOUT = 300.0
+
 # Ollama takes keep_alive as seconds (a number) or a Go duration string such as "10m" or
 # "1h30m". A bare "-1" string is rejected upstream, so integers are sent as numbers.
 _GO_DURATION = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
@@ -40,8 +44,8 @@ class Settings(BaseModel):
     memory_max_turns: int = Field(10, ge=1, le=1000)
     memory_ttl_minutes: float = Field(60, gt=0)
     memory_max_conversations: int = Field(1000, ge=1, le=1_000_000)
-    connect_timeout: float = Field(3, gt=0, le=600)
-    read_timeout: float = Field(300, gt=0, le=86_400)
+    connect_timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0, le=600)
+    read_timeout: float = Field(DEFAULT_READ_TIMEOUT, gt=0, le=86_400)
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
     bind: str = Field("127.0.0.1:8000", min_length=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

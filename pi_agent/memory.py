@@ -54,16 +54,15 @@ class MemoryStore:
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
 
     def get_history(self, conversation_id: str) -> list[Turn]:
-        """Return the remembered turns of a conversation, oldest first (empty if unknown)."""
+        """Return the remembered turns of a conversation, oldest first (empty if unknown).
+
+        Reading does not count as use: a turn whose upstream call fails leaves the
+        conversation's idle time and eviction order as they were.
+        """
         with self._lock:
-            now = self._clock()
-            self._expire(now)
+            self._expire(self._clock())
             conversation = self._conversations.get(conversation_id)
-            if conversation is None:
-                return []
-            conversation.last_used = now
-            self._conversations.move_to_end(conversation_id)
-            return list(conversation.turns)
+            return list(conversation.turns) if conversation is not None else []
 
     def append_turn(self, conversation_id: str, turn: Turn) -> None:
         """Remember ``turn`` as the newest of its conversation, evicting what the bounds say."""

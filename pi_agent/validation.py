@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import TypeVar
 
-from flask import request
+from flask import current_app, request
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .errors import InvalidRequest, ValidationFailed
 from .schemas import FieldProblem
 
+logger = logging.getLogger(__name__)
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# A 422 names the failing fields, but a client chooses the names of unknown ones: bound both.
+MAX_PROBLEMS = 20
+MAX_FIELD_CHARS = 100
 
 
 def parse_body(model: type[ModelT]) -> ModelT:
@@ -23,7 +31,7 @@ def parse_body(model: type[ModelT]) -> ModelT:
     """
     if not request.is_json:
         raise InvalidRequest()
-    raw = request.get_data(cache=False)
+    raw = _read_body(current_app.config["MAX_CONTENT_LENGTH"])
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
@@ -32,11 +40,32 @@ def parse_body(model: type[ModelT]) -> ModelT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ValidationFailed(
-            [_describe(error) for error in exc.errors(include_url=False)]
-        ) from None
+        errors = exc.errors(include_url=False)[:MAX_PROBLEMS]
+        raise ValidationFailed([_describe(error) for error in errors]) from None
+
+
+def _read_body(limit: int) -> bytes:
+    """Read at most ``limit`` bytes of body, or fail: never cut a body short silently.
+
+    werkzeug rejects a Content-Length over the limit itself, but it stops reading a chunked
+    body at the limit without saying so; that body is read here from the raw input instead.
+    """
+    chunked = request.content_length is None and request.environ.get("wsgi.input_terminated")
+    stream = request.input_stream if chunked else request.stream
+    try:
+        raw = stream.read(limit + 1)
+    except HTTPException:
+        raise
+    except Exception as exc:
+        # The WSGI server could not decode the body, e.g. a broken chunked encoding; each
+        # server has its own exception for that (gunicorn: ParseException, IOError).
+        logger.info("unreadable request body: %s", type(exc).__name__)
+        raise InvalidRequest("the request body could not be read") from None
+    if len(raw) > limit:
+        raise RequestEntityTooLarge()
+    return raw
 
 
 def _describe(error: ErrorDetails) -> FieldProblem:
-    field = ".".join(str(part) for part in error["loc"]) or "body"
+    field = ".".join(str(part) for part in error["loc"])[:MAX_FIELD_CHARS] or "body"
     return FieldProblem(field=field, problem=str(error["msg"]).removeprefix("Value error, "))

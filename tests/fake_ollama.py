@@ -50,6 +50,8 @@ class FakeOllama:
     def __init__(self, models: tuple[str, ...] = DEFAULT_MODELS, port: int = 0) -> None:
         self.models = set(models)
         self.script = Script()
+        # Scripts for particular requests, by the content of their last message.
+        self.scripts: dict[str, Script] = {}
         self.requests: deque[dict[str, Any]] = deque(maxlen=10_000)
         self.tokens_sent = 0
         self.connections_accepted = 0
@@ -187,7 +189,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/api/chat":
             self._send(404, b"404 page not found", "text/plain")
             return
-        script = self.fake.script
+        messages = body.get("messages") or [{}]
+        script = self.fake.scripts.get(messages[-1].get("content"), self.fake.script)
         if script.drop_before_headers:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from pi_agent import create_app
 from pi_agent.chat import TRUNCATED_LINE
 from pi_agent.memory import Turn
 
@@ -60,15 +60,11 @@ def test_upstream_request_is_explicit(client: FlaskClient, fake_ollama: FakeOlla
 
 
 def test_configured_options_and_integer_keep_alive_are_sent(
-    app_config: dict[str, Any], fake_ollama: FakeOllama
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama
 ) -> None:
-    app_config.update(MODEL="qwen3:0.6b", TEMPERATURE=0.1, NUM_CTX=1024, NUM_PREDICT=64,
-                      KEEP_ALIVE="-1")
-    app = create_app(app_config)
-    try:
-        assert app.test_client().post("/chat", json={"message": "x"}).status_code == 200
-    finally:
-        state(app).provider.close()
+    app = make_app(MODEL="qwen3:0.6b", TEMPERATURE=0.1, NUM_CTX=1024, NUM_PREDICT=64,
+                   KEEP_ALIVE="-1")
+    assert app.test_client().post("/chat", json={"message": "x"}).status_code == 200
     (sent,) = fake_ollama.chat_requests()
     assert sent["model"] == "qwen3:0.6b"
     assert sent["options"] == {"temperature": 0.1, "num_ctx": 1024, "num_predict": 64}
@@ -215,14 +211,13 @@ def test_conversations_are_separate(client: FlaskClient, fake_ollama: FakeOllama
     assert len(fake_ollama.chat_requests()[-1]["messages"]) == 2
 
 
-def test_memory_can_be_turned_off(app_config: dict[str, Any], fake_ollama: FakeOllama) -> None:
-    app = create_app({**app_config, "ENABLE_MEMORY": False})
-    try:
-        client = app.test_client()
-        post_chat(client, conversation_id="same")
-        assert post_chat(client, conversation_id="same", stream=True).data
-    finally:
-        state(app).provider.close()
+def test_memory_can_be_turned_off(
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama
+) -> None:
+    app = make_app(ENABLE_MEMORY=False)
+    client = app.test_client()
+    post_chat(client, conversation_id="same")
+    assert post_chat(client, conversation_id="same", stream=True).data
     assert state(app).memory is None
     assert [len(r["messages"]) for r in fake_ollama.chat_requests()] == [2, 2]
 
@@ -355,16 +350,12 @@ def test_wrong_method_is_405(client: FlaskClient, method: str) -> None:
     ids=["500", "400", "dropped", "hang"],
 )
 def test_upstream_failure_before_first_byte(
-    app_config: dict[str, Any], fake_ollama: FakeOllama,
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama,
     script: Script, status: int, code: str, stream: bool,
 ) -> None:
-    app_config["READ_TIMEOUT"] = 0.3
-    app = create_app(app_config)
+    app = make_app(READ_TIMEOUT=0.3)
     fake_ollama.script = script
-    try:
-        response = post_chat(app.test_client(), stream=stream, conversation_id="c9")
-    finally:
-        state(app).provider.close()
+    response = post_chat(app.test_client(), stream=stream, conversation_id="c9")
     assert response.status_code == status
     assert error_of(response)["code"] == code
     assert response.headers["X-Conversation-Id"] == "c9"
@@ -372,15 +363,30 @@ def test_upstream_failure_before_first_byte(
     assert "127.0.0.1" not in text and "Traceback" not in text and "llama runner" not in text
 
 
+@pytest.mark.parametrize(
+    "script, code",
+    [
+        (Script(error_after=0), "upstream_error"),
+        (Script(garbage_after=0), "upstream_protocol_error"),
+        (Script(drop_after=0), "upstream_protocol_error"),
+    ],
+    ids=["error-line", "garbage", "cut"],
+)
+def test_stream_whose_first_line_fails_gets_a_status(
+    app: Flask, client: FlaskClient, fake_ollama: FakeOllama, script: Script, code: str
+) -> None:
+    fake_ollama.script = script
+    response = post_chat(client, stream=True, conversation_id="first")
+    assert response.status_code == 502
+    assert error_of(response)["code"] == code
+    assert history(app, "first") == []
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_model_not_pulled_is_502_naming_it(
-    app_config: dict[str, Any], fake_ollama: FakeOllama, stream: bool
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama, stream: bool
 ) -> None:
-    app = create_app({**app_config, "MODEL": "mistral:7b"})
-    try:
-        response = post_chat(app.test_client(), stream=stream)
-    finally:
-        state(app).provider.close()
+    response = post_chat(make_app(MODEL="mistral:7b").test_client(), stream=stream)
     assert response.status_code == 502
     error = error_of(response)
     assert error["code"] == "model_not_found"
@@ -388,13 +394,10 @@ def test_model_not_pulled_is_502_naming_it(
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_ollama_not_running_is_503(app_config: dict[str, Any], stream: bool) -> None:
+def test_ollama_not_running_is_503(make_app: Callable[..., Flask], stream: bool) -> None:
     port = unused_port()
-    app = create_app({**app_config, "OLLAMA_URL": f"http://127.0.0.1:{port}"})
-    try:
-        response = post_chat(app.test_client(), stream=stream)
-    finally:
-        state(app).provider.close()
+    response = post_chat(make_app(OLLAMA_URL=f"http://127.0.0.1:{port}").test_client(),
+                         stream=stream)
     assert response.status_code == 503
     error = error_of(response)
     assert error["code"] == "upstream_unavailable"
@@ -402,14 +405,10 @@ def test_ollama_not_running_is_503(app_config: dict[str, Any], stream: bool) -> 
 
 
 def test_upstream_silent_mid_stream_times_out(
-    app_config: dict[str, Any], fake_ollama: FakeOllama
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama
 ) -> None:
-    app = create_app({**app_config, "READ_TIMEOUT": 0.3})
     fake_ollama.script = Script(tokens=["slow", " model"], token_delay=3)
-    try:
-        response = post_chat(app.test_client(), stream=True)
-    finally:
-        state(app).provider.close()
+    response = post_chat(make_app(READ_TIMEOUT=0.3).test_client(), stream=True)
     assert response.data == b"slow\n[error] the model server did not answer in time\n"
 
 
@@ -418,3 +417,31 @@ def test_connections_to_ollama_are_reused(client: FlaskClient, fake_ollama: Fake
         assert post_chat(client, stream=stream).data
     assert len(fake_ollama.chat_requests()) == 5
     assert fake_ollama.connections_accepted == 1
+
+
+def test_unknown_agent_still_names_the_conversation(client: FlaskClient) -> None:
+    response = post_chat(client, agent="nobody", conversation_id="abc")
+    assert response.status_code == 404
+    assert response.headers["X-Conversation-Id"] == "abc"
+
+
+def test_422_names_a_bounded_number_of_fields(client: FlaskClient) -> None:
+    body = {"message": "hi", "k" * 60_000: 1, **{f"extra{i}": i for i in range(100)}}
+    response = client.post("/chat", json=body)
+    assert response.status_code == 422
+    fields = response.get_json()["error"]["fields"]
+    assert len(fields) == 20
+    assert max(len(f["field"]) for f in fields) == 100
+    assert len(response.data) < 4000
+
+
+def test_failed_turn_leaves_memory_order_alone(
+    app: Flask, client: FlaskClient, fake_ollama: FakeOllama
+) -> None:
+    post_chat(client, conversation_id="old")
+    post_chat(client, conversation_id="new")
+    fake_ollama.script = Script(status=500)
+    assert post_chat(client, conversation_id="old").status_code == 502
+    memory = state(app).memory
+    assert memory is not None
+    assert list(memory._conversations) == ["old", "new"]

@@ -2,10 +2,13 @@
 subprocess, in front of the fake Ollama."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,8 +61,8 @@ class Gunicorn:
                 try:
                     if requests.get(url + "/health", timeout=1).status_code == 200:
                         return url
-                except requests.ConnectionError:
-                    pass
+                except requests.RequestException:
+                    pass  # not listening yet, or the worker is still booting
             time.sleep(0.05)
         raise RuntimeError(f"gunicorn not ready in {STARTUP_SECONDS} s:\n{self.log.read_text()}")
 
@@ -101,6 +104,7 @@ def fake(upstream: FakeOllama) -> FakeOllama:
     upstream.stream_finished.clear()
     upstream.client_closed.clear()
     upstream.client_closed_at = None
+    upstream.scripts.clear()
     return upstream
 
 
@@ -152,17 +156,91 @@ def test_disconnect_closes_upstream_within_a_second(server: Gunicorn, fake: Fake
     assert remembered["content"].startswith(received.decode())
 
 
-def test_streams_run_concurrently(server: Gunicorn, fake: FakeOllama) -> None:
-    fake.script = Script(tokens=[f"t{i} " for i in range(40)], token_delay=0.05)
-    first = open_stream(server)
-    second = open_stream(server)
+def test_gevent_worker_serves_requests_side_by_side(server: Gunicorn, fake: FakeOllama) -> None:
+    assert "Using worker: gevent" in server.log.read_text()
+    fake.scripts["slow"] = Script(tokens=["late"], first_token_delay=3)
+    slow: list[requests.Response] = []
+    waiting = threading.Thread(target=lambda: slow.append(open_stream(server, message="slow")))
+    waiting.start()
     try:
-        # Both streams deliver while both are open: the gevent worker serves them together.
-        assert next(first.iter_content(chunk_size=None)) == b"t0 "
-        assert next(second.iter_content(chunk_size=None)) == b"t0 "
+        deadline = time.monotonic() + 5
+        while len(fake.chat_requests()) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # While one request waits for its first token, another one is answered.
+        fast = requests.post(server.url + "/chat", json={"message": "fast"}, timeout=10)
+        assert fast.status_code == 200
+        assert waiting.is_alive() and not slow
     finally:
-        first.close()
-        second.close()
+        waiting.join(10)
+        for response in slow:
+            response.close()
+    assert slow and slow[0].status_code == 200
+
+
+def raw_exchange(server: Gunicorn, request: bytes) -> bytes:
+    """Send raw bytes, return all that comes back until the server closes or stops."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except ConnectionResetError:
+            pass  # a server that answers before reading the whole body then resets
+    return received
+
+
+def chunked_post(body_frames: bytes) -> bytes:
+    return (b"POST /chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body_frames)
+
+
+def test_chunked_body_over_the_limit_is_413(server: Gunicorn, fake: FakeOllama) -> None:
+    body = b'{"message": "hi"}' + b" " * (64 * 1024)  # just over the 64 KiB limit
+    frames = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 8192]), body[i:i + 8192])
+                      for i in range(0, len(body), 8192)) + b"0\r\n\r\n"
+    before = len(fake.chat_requests())
+    answer = raw_exchange(server, chunked_post(frames))
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b'"code":"payload_too_large"' in answer
+    assert len(fake.chat_requests()) == before
+
+
+def test_small_chunked_body_is_read_whole(server: Gunicorn, fake: FakeOllama) -> None:
+    body = b'{"message": "in chunks"}'
+    answer = raw_exchange(server, chunked_post(b"5\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                                               % (body[:5], len(body) - 5, body[5:])))
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert fake.chat_requests()[-1]["messages"][-1]["content"] == "in chunks"
+
+
+def test_broken_chunked_body_is_400(server: Gunicorn, fake: FakeOllama) -> None:
+    answer = raw_exchange(server, chunked_post(b"zz\r\n{}\r\n0\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"Traceback" not in answer and b"Internal" not in answer
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_disconnect_while_the_model_thinks_closes_upstream(
+    server: Gunicorn, fake: FakeOllama
+) -> None:
+    fake.script = Script(thinking=["hmm "] * 300, tokens=["answer"], token_delay=0.02)
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"message": "think hard", "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 5
+        while fake.tokens_sent < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake.tokens_sent >= 5  # the model is thinking; nothing was written to us
+    closed_by_client = time.monotonic()
+    assert fake.client_closed.wait(5), "the upstream stream was never closed"
+    assert fake.client_closed_at is not None
+    assert fake.client_closed_at - closed_by_client < 1.5
+    assert not fake.stream_finished.is_set()
 
 
 def test_non_stream_reply_and_errors(server: Gunicorn, fake: FakeOllama) -> None:

@@ -49,13 +49,23 @@ def test_idle_conversations_expire() -> None:
     assert "old" not in store and len(store) == 1
 
 
-def test_reading_keeps_a_conversation_alive() -> None:
+def test_new_turns_keep_a_conversation_alive() -> None:
+    clock = Clock()
+    store = make_store(clock)
+    for i in range(3):
+        store.append_turn("c", Turn(f"q{i}", "a"))
+        clock.now += 50
+    assert len(store.get_history("c")) == 3
+
+
+def test_reading_alone_does_not_count_as_use() -> None:
     clock = Clock()
     store = make_store(clock)
     store.append_turn("c", Turn("q", "a"))
-    for _ in range(3):
-        clock.now += 50
-        assert store.get_history("c")
+    clock.now += 50
+    assert store.get_history("c")
+    clock.now += 11
+    assert store.get_history("c") == []
 
 
 def test_least_recently_used_is_evicted_first() -> None:
@@ -64,7 +74,8 @@ def test_least_recently_used_is_evicted_first() -> None:
     for cid in ("a", "b", "c"):
         store.append_turn(cid, Turn("q", "a"))
         clock.now += 1
-    store.get_history("a")  # "b" is now the least recently used
+    store.append_turn("a", Turn("q2", "a2"))  # "b" is now the least recently used
+    store.get_history("b")  # reading does not change that
     store.append_turn("d", Turn("q", "a"))
     assert "b" not in store
     assert all(cid in store for cid in ("a", "c", "d"))

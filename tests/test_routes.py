@@ -1,19 +1,18 @@
 """``/health``, ``/agents`` and routes that do not exist."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from flask import Flask
 from flask.testing import FlaskClient
 
-from pi_agent import __version__, create_app
+from pi_agent import __version__
 
-from .conftest import state, unused_port
+from .conftest import unused_port
 
 
-def test_health_never_calls_ollama() -> None:
-    app = create_app({"OLLAMA_URL": f"http://127.0.0.1:{unused_port()}"})
-    try:
-        response = app.test_client().get("/health")
-    finally:
-        state(app).provider.close()
+def test_health_never_calls_ollama(make_app: Callable[..., Flask]) -> None:
+    response = make_app(OLLAMA_URL=f"http://127.0.0.1:{unused_port()}").test_client().get("/health")
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok", "version": __version__}
 

@@ -15,7 +15,7 @@ from typing import Any
 import requests
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
 
-from ..config import Settings
+from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Settings
 from ..errors import (
     ModelNotFound,
     ProviderError,
@@ -28,9 +28,6 @@ from .base import ChatCall, ChatChunk
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONNECT_TIMEOUT = 3.0
-# A cold model load on a Raspberry Pi takes minutes, and Ollama sends no byte before it ends.
-DEFAULT_READ_TIMEOUT = 300.0
 # Connections kept open to Ollama for reuse: one per concurrent stream, up to about
 # gunicorn's worker_connections, so that a burst does not open and drop connections (and log
 # a warning for each) once requests' default of 10 is passed.
@@ -129,15 +126,26 @@ class OllamaProvider:
 class OllamaStream:
     """The chunks of one streamed ``/api/chat`` reply, read line by line.
 
-    A TCP read can hold half a JSON line or several, so lines are split here rather than
-    per read. A stream that ends without ``done:true`` is an error: Ollama cuts the body
-    short when its runner crashes.
+    The first chunk is read when the stream is made, so an error that Ollama sends as its
+    first line still gets an HTTP status. A TCP read can hold half a JSON line or several,
+    so lines are split here rather than per read. A stream that ends without ``done:true``
+    is an error: Ollama cuts the body short when its runner crashes.
     """
 
     def __init__(self, response: requests.Response) -> None:
         self._response = response
+        self._chunks = self._read_chunks()
+        try:
+            self._first = next(self._chunks)
+        except BaseException:
+            response.close()
+            raise
 
     def __iter__(self) -> Iterator[ChatChunk]:
+        yield self._first
+        yield from self._chunks
+
+    def _read_chunks(self) -> Iterator[ChatChunk]:
         pending = b""
         finished = False
         try:
@@ -154,6 +162,11 @@ class OllamaStream:
                         finished = chunk.done
                         yield chunk
         except requests.RequestException as exc:
+            if finished:
+                # The answer is whole; only the end of the body failed. close() drops the
+                # connection instead of reusing it.
+                logger.warning("ollama failed after done:true: %s", exc)
+                return
             raise _translate(exc) from exc
         if not finished and pending.strip():
             chunk = _parse_line(pending)
