@@ -1,0 +1,491 @@
+"""Measure what Pi Agent Server costs on top of Ollama.
+
+For each scenario the same load runs straight against a fast fake Ollama, then through the
+gateway (gunicorn, gevent worker, the project's gunicorn.conf.py), then, if it is at hand,
+through the naive reference proxy, back to back in one run. The gateways are pinned to the
+first CPU and the harness (fake Ollama and load generator) to the second, so what is measured
+is the gateway's single worker.
+
+    python -m bench.run [--quick] [--out DIR] [--no-naive]
+
+Writes DIR/latest.json and DIR/latest.md. It is a benchmark: it asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import uvloop
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import procstat
+from .loadgen import Load, Result, Target, run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+NAIVE_DIR = ROOT.parent / "shared" / "reference"
+STARTUP_TIMEOUT = 30.0
+
+
+@dataclass
+class Scenario:
+    key: str
+    name: str
+    stream: bool
+    tokens: int
+    token_delay: float
+    clients: int
+    requests_per_client: int
+    quick_requests_per_client: int
+
+
+SCENARIOS = [
+    Scenario("nonstream-1", "non-stream 200 tokens, 1 client", False, 200, 0.0, 1, 600, 100),
+    Scenario("nonstream-32", "non-stream 200 tokens, 32 clients", False, 200, 0.0, 32, 80, 10),
+    Scenario("stream-1", "stream 200 tokens 2 ms apart, 1 client", True, 200, 0.002, 1, 25, 4),
+    Scenario("stream-64", "stream 200 tokens 2 ms apart, 64 clients", True, 200, 0.002, 64, 4, 1),
+    Scenario("held-500", "500 streams held (40 tokens 50 ms apart)", True, 40, 0.05, 500, 1, 1),
+    Scenario("held-1200", "1,200 streams held (40 tokens 50 ms apart)", True, 40, 0.05, 1200, 1, 1),
+]
+
+
+# --- processes ----------------------------------------------------------------------
+
+
+def _pin(cpu: int) -> None:
+    if len(os.sched_getaffinity(0)) > 1:
+        os.sched_setaffinity(0, {cpu})
+
+
+class Process:
+    """A server in a subprocess, stopped by its own pid."""
+
+    def __init__(self, name: str, argv: list[str], cwd: Path, env: dict[str, str],
+                 log: Path, cpu: int) -> None:
+        self.name = name
+        self.log = log
+        self.started = time.perf_counter()
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                preexec_fn=lambda: _pin(cpu),
+            )
+        self.port = 0
+        self.startup_seconds = 0.0
+
+    def wait_port(self, pattern: str) -> int:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()}")
+            found = re.search(pattern, self.log.read_text())
+            if found:
+                self.port = int(found.group(1))
+                return self.port
+            time.sleep(0.005)
+        raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()}")
+
+    def wait_health(self) -> None:
+        """Wait for a 200 on /health; record the time from start to it."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                if http_call(self.port, "GET", "/health")[0] == 200:
+                    self.startup_seconds = time.perf_counter() - self.started
+                    return
+            except OSError:
+                pass
+            time.sleep(0.005)
+        raise RuntimeError(f"{self.name} /health never answered:\n{self.log.read_text()}")
+
+    def pids(self) -> list[int]:
+        return procstat.tree_pids(self.popen.pid)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def http_call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def start_fake(out: Path) -> Process:
+    fake = Process("fake ollama", [sys.executable, "-m", "bench.fake_ollama", "--port", "0"],
+                   ROOT, dict(os.environ), out / "fake.log", cpu=1)
+    fake.wait_port(r"listening on (\d+)")
+    return fake
+
+
+def start_gateway(name: str, root: Path, fake_port: int, out: Path) -> Process:
+    """Start Pi Agent Server from the checkout at ``root`` with its own gunicorn.conf.py."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PI_AGENT_")}
+    env.update(PI_AGENT_BIND="127.0.0.1:0", PI_AGENT_OLLAMA_URL=f"http://127.0.0.1:{fake_port}",
+               PYTHONPATH=str(root))
+    log = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
+    gateway = Process(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                             "wsgi:app"], root, env, log, cpu=0)
+    gateway.wait_port(r"Listening at: http://127\.0\.0\.1:(\d+)")
+    gateway.wait_health()
+    return gateway
+
+
+def start_naive(fake_port: int, out: Path) -> Process:
+    env = dict(os.environ, UPSTREAM_URL=f"http://127.0.0.1:{fake_port}")
+    naive = Process("naive", [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
+                              "-b", "127.0.0.1:0", "naive_proxy:app"],
+                    NAIVE_DIR, env, out / "naive.log", cpu=0)
+    naive.wait_port(r"Listening at: http://127\.0\.0\.1:(\d+)")
+    naive.wait_health()
+    return naive
+
+
+# --- measuring ----------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def _sample_memory(pids: list[int], peak: list[int], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], procstat.rss_bytes(pids))
+        peak[1] = max(peak[1], procstat.pss_bytes(pids))
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def measure(
+    target: Target, load: Load, server: Process | None, fake: Process
+) -> dict[str, Any]:
+    server_pids = server.pids() if server else []
+    fake_pids = fake.pids()
+    peak = [0, 0]
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_memory(server_pids, peak, stop)) if server else None
+    cpu_server = procstat.cpu_seconds(server_pids)
+    cpu_fake = procstat.cpu_seconds(fake_pids)
+    cpu_self = time.process_time()
+    wall = await run_load(target, load)
+    cpu_server = procstat.cpu_seconds(server_pids) - cpu_server
+    cpu_fake = procstat.cpu_seconds(fake_pids) - cpu_fake
+    cpu_self = time.process_time() - cpu_self
+    stop.set()
+    if sampler:
+        await sampler
+    return summarize(load.results, wall, cpu_server, cpu_fake, cpu_self, peak[0], peak[1])
+
+
+def summarize(results: list[Result], wall: float, cpu_server: float, cpu_fake: float,
+              cpu_loadgen: float, peak_rss: int, peak_pss: int) -> dict[str, Any]:
+    ok = [r for r in results if not r.error]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    tokens = sum(r.tokens for r in ok)
+    per_k = 1000 / tokens if tokens else float("nan")
+    ms = 1000.0
+    return {
+        "requests": len(results),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "wall_s": wall,
+        "req_per_s": len(ok) / wall if wall else 0.0,
+        "ttfb_p50_ms": percentile([r.ttfb for r in ok], 50) * ms,
+        "ttft_p50_ms": percentile([r.ttft for r in ok], 50) * ms,
+        "ttft_p99_ms": percentile([r.ttft for r in ok], 99) * ms,
+        "total_p50_ms": percentile([r.total for r in ok], 50) * ms,
+        "tokens_per_request": statistics.fmean(r.tokens for r in ok) if ok else 0.0,
+        "frames_per_request": statistics.fmean(r.frames for r in ok) if ok else 0.0,
+        "tokens": tokens,
+        "server_cpu_s": cpu_server,
+        "server_cpu_s_per_1k_tokens": cpu_server * per_k,
+        "harness_cpu_s_per_1k_tokens": (cpu_fake + cpu_loadgen) * per_k,
+        "fake_cpu_s": cpu_fake,
+        "loadgen_cpu_s": cpu_loadgen,
+        "peak_rss_mib": peak_rss / 2**20,
+        "peak_pss_mib": peak_pss / 2**20,
+    }
+
+
+def chat_body(stream: bool) -> bytes:
+    return json.dumps({"message": "Hello there", "stream": stream}).encode()
+
+
+def direct_body(stream: bool) -> bytes:
+    return json.dumps({"model": "m", "stream": stream,
+                       "messages": [{"role": "user", "content": "Hello there"}]}).encode()
+
+
+async def run_scenarios(servers: dict[str, Process], fake: Process, quick: bool,
+                        scenarios: list[Scenario]) -> list[dict[str, Any]]:
+    rows = []
+    for scenario in scenarios:
+        config = {"tokens": scenario.tokens, "token_delay": scenario.token_delay}
+        assert http_call(fake.port, "POST", "/_bench/config", json.dumps(config).encode())[0] == 200
+        requests = scenario.quick_requests_per_client if quick else scenario.requests_per_client
+        direct = Target("127.0.0.1", fake.port, "/api/chat", direct_body(scenario.stream))
+        targets: dict[str, tuple[Target, Process | None]] = {"ollama (direct)": (direct, None)}
+        for name, server in servers.items():
+            gateway = Target("127.0.0.1", server.port, "/chat", chat_body(scenario.stream))
+            targets[name] = (gateway, server)
+        for name, (target, measured) in targets.items():
+            load = Load(clients=scenario.clients, requests_per_client=requests)
+            row = {"scenario": scenario.name, "key": scenario.key, "target": name,
+                   "clients": scenario.clients, "stream": scenario.stream,
+                   "expected_tokens": scenario.tokens}
+            row.update(await measure(target, load, measured, fake))
+            print(f"{scenario.name:44} {name:16} {row['req_per_s']:8.1f} req/s  "
+                  f"ttft p50 {row['ttft_p50_ms']:7.2f} ms  errors {row['errors']}  cpu: server "
+                  f"{row['server_cpu_s']:.2f} s, fake {row['fake_cpu_s']:.2f} s, load "
+                  f"{row['loadgen_cpu_s']:.2f} s, wall {row['wall_s']:.2f} s", flush=True)
+            rows.append(row)
+            await asyncio.sleep(0.5)  # let closed connections settle between targets
+    return rows
+
+
+# --- reporting ----------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    names = ("flask", "gunicorn", "gevent", "requests", "pydantic")
+    versions = {name: metadata.version(name) for name in names}
+    return {"cpu": model or platform.processor(), "cores": os.cpu_count(),
+            "machine": platform.machine(), "python": platform.python_version(),
+            "kernel": platform.release(), **versions}
+
+
+def compare(rows: list[dict[str, Any]], servers: list[str]) -> list[dict[str, Any]]:
+    """For each scenario and gateway, the difference to the direct run and the naive run."""
+    out = []
+    by_key = {(r["scenario"], r["target"]): r for r in rows}
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        direct = by_key[(scenario, "ollama (direct)")]
+        for name in servers:
+            row = by_key[(scenario, name)]
+            item = {
+                "scenario": scenario, "key": row["key"], "target": name,
+                "ttft_overhead_p50_ms": row["ttft_p50_ms"] - direct["ttft_p50_ms"],
+                "ttft_overhead_p99_ms": row["ttft_p99_ms"] - direct["ttft_p99_ms"],
+                "req_per_s": row["req_per_s"],
+                "server_cpu_s_per_1k_tokens": row["server_cpu_s_per_1k_tokens"],
+                "peak_rss_mib": row["peak_rss_mib"],
+                "peak_pss_mib": row["peak_pss_mib"],
+                "errors": row["errors"],
+                "requests": row["requests"],
+                "frames_per_request": row["frames_per_request"],
+                "tokens_per_request": row["tokens_per_request"],
+            }
+            naive = by_key.get((scenario, "naive proxy"))
+            if naive and name != "naive proxy" and naive["req_per_s"]:
+                item["req_per_s_vs_naive"] = row["req_per_s"] / naive["req_per_s"]
+            out.append(item)
+    return out
+
+
+@dataclass
+class Goal:
+    """A target of issue #4: a figure, the bound, and the naive proxy's figure on the machine
+    where the bound was set, so that the bound can also be read as a ratio to naive."""
+
+    figure: str
+    key: str  # scenario key, or "server" for the per-server figures
+    field: str
+    scale: float
+    bound: float
+    lower_is_better: bool
+    naive_reference: float | None
+
+
+GOALS = [
+    Goal("stream TTFT overhead p50, 1 client (ms)", "stream-1", "ttft_overhead_p50_ms",
+         1, 1.5, True, 2.2),
+    Goal("CPU s per 1k streamed tokens, 64 clients", "stream-64", "server_cpu_s_per_1k_tokens",
+         1, 0.035, True, 0.0445),
+    Goal("non-stream req/s, 32 clients (one core)", "nonstream-32", "req_per_s",
+         1, 1.15, False, None),
+    Goal("500 streams: errors", "held-500", "errors", 1, 0, True, None),
+    Goal("500 streams: TTFT overhead p99 (s)", "held-500", "ttft_overhead_p99_ms",
+         0.001, 0.3, True, 0.6),
+    Goal("1,200 streams: errors", "held-1200", "errors", 1, 0, True, None),
+    Goal("idle RSS (MiB)", "server", "idle_rss_mib", 1, 60, True, 72),
+    Goal("RSS at 500 streams (MiB)", "held-500", "peak_rss_mib", 1, 90, True, 106),
+    Goal("startup to first 200 on /health (s)", "server", "startup_s", 1, 0.5, True, 0.3),
+]
+
+
+def check_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Read each goal off the report: ours, naive's in the same run, and whether it is met."""
+    by = {(c["key"], c["target"]): c for c in report["comparison"]}
+    for name, server in report["servers"].items():
+        by[("server", name)] = server
+    out = []
+    for goal in GOALS:
+        ours = by.get((goal.key, "pi-agent"))
+        naive = by.get((goal.key, "naive proxy"))
+        if ours is None:
+            continue
+        value = ours[goal.field] * goal.scale
+        naive_value = naive[goal.field] * goal.scale if naive else None
+        item: dict[str, Any] = {"figure": goal.figure, "pi_agent": value, "naive": naive_value}
+        if goal.figure.startswith("non-stream req/s"):
+            # The bound is a ratio to naive measured in the same run.
+            ratio = value / naive_value if naive_value else None
+            item.update(bound=f">= {goal.bound}x naive", ratio=ratio,
+                        met=ratio is not None and ratio >= goal.bound)
+        else:
+            sign = "<=" if goal.lower_is_better else ">="
+            item["bound"] = f"{sign} {goal.bound:g}"
+            item["met"] = value <= goal.bound if goal.lower_is_better else value >= goal.bound
+            if naive_value and goal.naive_reference:
+                item["ratio"] = value / naive_value
+                item["ratio_bound"] = goal.bound / goal.naive_reference
+                item["met_as_ratio"] = item["ratio"] <= item["ratio_bound"]
+        out.append(item)
+    return out
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4f}" if abs(value) < 0.1 and value != 0 else f"{value:.2f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"Run {report['date']} ({'quick' if report['quick'] else 'full'}) on {m['cpu']}, "
+        f"{m['cores']} cores, Python {m['python']}, gunicorn {m['gunicorn']}, "
+        f"gevent {m['gevent']}, Flask {m['flask']}.",
+        "",
+        "| figure | pi-agent | naive proxy | pi-agent / naive | target | met | "
+        "target as a ratio to naive | met as a ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in report["goals"]:
+        ratio_bound = g.get("ratio_bound")
+        lines.append(
+            f"| {g['figure']} | {_number(g['pi_agent'])} | {_number(g['naive'])} | "
+            f"{_number(g.get('ratio'))} | {g['bound']} | {'yes' if g['met'] else 'no'} | "
+            f"{'<= ' + _number(ratio_bound) if ratio_bound else ''} | "
+            f"{'' if 'met_as_ratio' not in g else 'yes' if g['met_as_ratio'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "| scenario | gateway | TTFT overhead p50 / p99 (ms) | req/s | vs naive | "
+        "CPU s / 1k tokens | peak RSS / PSS (MiB) | errors | frames / tokens per request |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in report["comparison"]:
+        vs = f"{c['req_per_s_vs_naive']:.2f}x" if "req_per_s_vs_naive" in c else ""
+        lines.append(
+            f"| {c['scenario']} | {c['target']} | {c['ttft_overhead_p50_ms']:+.2f} / "
+            f"{c['ttft_overhead_p99_ms']:+.2f} | {c['req_per_s']:.1f} | {vs} | "
+            f"{c['server_cpu_s_per_1k_tokens']:.4f} | "
+            f"{c['peak_rss_mib']:.0f} / {c['peak_pss_mib']:.0f} | "
+            f"{c['errors']}/{c['requests']} | "
+            f"{c['frames_per_request']:.1f} / {c['tokens_per_request']:.1f} |"
+        )
+    lines += ["", "| gateway | startup to first 200 on /health (s) | idle RSS / PSS (MiB) |",
+              "|---|---|---|"]
+    for name, server in report["servers"].items():
+        lines.append(f"| {name} | {server['startup_s']:.2f} | "
+                     f"{server['idle_rss_mib']:.0f} / {server['idle_pss_mib']:.0f} |")
+    harness = ", ".join(f"{r['scenario']}: {r['harness_cpu_s_per_1k_tokens']:.4f}"
+                        for r in report["rows"] if r["target"] == "ollama (direct)")
+    lines += ["", f"Harness CPU s per 1k tokens (fake Ollama + load generator, direct runs): "
+                  f"{harness}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests: under a minute")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--no-naive", action="store_true", help="leave out the naive proxy")
+    parser.add_argument("--only", default="", help="run the scenarios whose name has this text")
+    parser.add_argument("--compare", type=Path, action="append", default=[], metavar="DIR",
+                        help="also measure the checkout in DIR (e.g. a git worktree of an "
+                             "older commit), in the same run")
+    args = parser.parse_args()
+    scenarios = [s for s in SCENARIOS if args.only in s.name]
+    args.out.mkdir(parents=True, exist_ok=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _pin(1)
+
+    processes: list[Process] = []
+    try:
+        fake = start_fake(args.out)
+        processes.append(fake)
+        servers: dict[str, Process] = {}
+        for name, root in [("pi-agent", ROOT)] + [(f"pi-agent@{d.name}", d) for d in args.compare]:
+            servers[name] = start_gateway(name, root.resolve(), fake.port, args.out)
+            processes.append(servers[name])
+        if not args.no_naive and (NAIVE_DIR / "naive_proxy.py").exists():
+            servers["naive proxy"] = start_naive(fake.port, args.out)
+            processes.append(servers["naive proxy"])
+        info = {}
+        for name, server in servers.items():
+            status, _ = http_call(server.port, "POST", "/chat", chat_body(False))  # warm up
+            info[name] = {"startup_s": server.startup_seconds, "warm_up_status": status,
+                          "idle_rss_mib": procstat.rss_bytes(server.pids()) / 2**20,
+                          "idle_pss_mib": procstat.pss_bytes(server.pids()) / 2**20}
+        rows = uvloop.run(run_scenarios(servers, fake, args.quick, scenarios))
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": args.quick,
+        "machine": machine(),
+        "scenarios": [asdict(s) for s in scenarios],
+        "servers": info,
+        "rows": rows,
+        "comparison": compare(rows, list(servers)),
+    }
+    report["goals"] = check_goals(report)
+    (args.out / "latest.json").write_text(json.dumps(report, indent=2))
+    (args.out / "latest.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

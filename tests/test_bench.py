@@ -1,0 +1,35 @@
+"""Run the benchmark once in --quick mode as a smoke test: it completes, the gateway makes no
+errors, and every streamed token reaches the client in its own chunk frame. It asserts
+nothing about speed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(300)
+def test_quick_benchmark_runs_clean(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--no-naive", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert (tmp_path / "latest.md").read_text().startswith("Run ")
+    rows = [r for r in report["rows"] if r["target"] == "pi-agent"]
+    assert {r["key"] for r in rows} == {
+        "nonstream-1", "nonstream-32", "stream-1", "stream-64", "held-500", "held-1200"
+    }
+    for row in rows:
+        assert row["errors"] == 0, row
+        assert row["requests"] > 0
+        assert row["tokens_per_request"] == row["expected_tokens"]
+        if row["stream"]:
+            assert row["frames_per_request"] == row["tokens_per_request"]
+    assert report["servers"]["pi-agent"]["warm_up_status"] == 200
