@@ -64,6 +64,9 @@ def chat() -> Response:
             relay_text(stream, record, _disconnect_probe(request.environ)),
             content_type="text/plain; charset=utf-8",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            # The relay yields bytes already: hand it to the WSGI server as it is, without
+            # werkzeug's two wrappers around every token.
+            direct_passthrough=True,
         )
 
     result = state.provider.chat(call)

@@ -1,17 +1,18 @@
 """Settings: defaults, then ``PI_AGENT_*`` environment variables, then a caller's overrides.
 
-This is the one module that reads the environment. It imports nothing that loads ``ssl`` or
-``requests``, because ``gunicorn.conf.py`` reads the settings in the master process, before
-the gevent worker has patched the standard library.
+This is the one module that reads the environment. It uses the standard library only:
+``gunicorn.conf.py`` reads the settings in the master process, which should stay small and
+must not load ``ssl`` or ``requests`` before the gevent worker has patched the standard
+library. (pydantic here cost the master about 10 MiB.)
 """
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Mapping
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 ENV_PREFIX = "PI_AGENT_"
 
@@ -21,58 +22,119 @@ DEFAULT_READ_TIMEOUT = 300.0
 
 # Ollama takes keep_alive as seconds (a number) or a Go duration string such as "10m" or
 # "1h30m". A bare "-1" string is rejected upstream, so integers are sent as numbers.
-_GO_DURATION = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+_GO_DURATION = re.compile(r"-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 class ConfigError(ValueError):
     """A setting has a value the server cannot run with; the message names the variable."""
 
 
-class Settings(BaseModel):
-    """Every setting of the server, validated; read-only once built."""
+Parser = Callable[[Any], Any]
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    provider: Literal["ollama"] = "ollama"
-    ollama_url: str = "http://127.0.0.1:11434"
-    model: str = Field("llama3.2:1b", min_length=1, max_length=200)
-    temperature: float = Field(0.7, ge=0, le=2)
-    num_ctx: int = Field(2048, ge=128, le=1_048_576)
-    num_predict: int = Field(512, ge=1, le=1_048_576)
-    keep_alive: int | str = "30m"
-    enable_memory: bool = True
-    memory_max_turns: int = Field(10, ge=1, le=1000)
-    memory_ttl_minutes: float = Field(60, gt=0)
-    memory_max_conversations: int = Field(1000, ge=1, le=1_000_000)
-    connect_timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0, le=600)
-    read_timeout: float = Field(DEFAULT_READ_TIMEOUT, gt=0, le=86_400)
-    max_body_bytes: int = Field(64 * 1024, ge=1024, le=64 * 1024 * 1024)
-    bind: str = Field("127.0.0.1:8000", min_length=1)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+def _integer(low: int, high: int) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("must be a whole number")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be from {low} to {high}")
+        return number
 
-    @field_validator("ollama_url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:11434")
-        return value.rstrip("/")
+    return parse
 
-    @field_validator("keep_alive")
-    @classmethod
-    def _check_keep_alive(cls, value: int | str) -> int | str:
-        if isinstance(value, int):
-            return value
-        text = value.strip()
-        if re.fullmatch(r"-?\d+", text):
-            return int(text)
-        if not _GO_DURATION.match(text):
-            raise ValueError("must be seconds (an integer) or a duration such as 10m, 1h30m, -1m")
-        return text
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_log_level(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
+def _number(low: float, high: float, low_open: bool = False) -> Parser:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError("must be a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if math.isnan(number) or number > high or number < low or (low_open and number == low):
+            raise ValueError(f"must be {'above' if low_open else 'at least'} {low:g} "
+                             f"and at most {high:g}")
+        return number
+
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ValueError("must be true or false")
+
+
+def _text(max_length: int) -> Parser:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not 1 <= len(value.strip()) <= max_length:
+            raise ValueError(f"must be text of 1 to {max_length} characters")
+        return value.strip()
+
+    return parse
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any) -> str:
+        text = str(value).strip()
+        for choice in choices:
+            if text.lower() == choice.lower():
+                return choice
+        raise ValueError(f"must be one of {', '.join(choices)}")
+
+    return parse
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:11434")
+    return value.rstrip("/")
+
+
+def _keep_alive(value: Any) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if not _GO_DURATION.fullmatch(text):
+        raise ValueError("must be seconds (an integer) or a duration such as 10m, 1h30m, -1m")
+    return text
+
+
+def _setting(default: Any, parse: Parser) -> Any:
+    return field(default=default, metadata={"parse": parse})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the server, checked; read-only once built."""
+
+    provider: str = _setting("ollama", _choice("ollama"))
+    ollama_url: str = _setting("http://127.0.0.1:11434", _url)
+    model: str = _setting("llama3.2:1b", _text(200))
+    temperature: float = _setting(0.7, _number(0, 2))
+    num_ctx: int = _setting(2048, _integer(128, 1_048_576))
+    num_predict: int = _setting(512, _integer(1, 1_048_576))
+    keep_alive: int | str = _setting("30m", _keep_alive)
+    enable_memory: bool = _setting(True, _boolean)
+    memory_max_turns: int = _setting(10, _integer(1, 1000))
+    memory_ttl_minutes: float = _setting(60.0, _number(0, 10**6, low_open=True))
+    memory_max_conversations: int = _setting(1000, _integer(1, 1_000_000))
+    connect_timeout: float = _setting(DEFAULT_CONNECT_TIMEOUT, _number(0, 600, low_open=True))
+    read_timeout: float = _setting(DEFAULT_READ_TIMEOUT, _number(0, 86_400, low_open=True))
+    max_body_bytes: int = _setting(64 * 1024, _integer(1024, 64 * 1024 * 1024))
+    bind: str = _setting("127.0.0.1:8000", _text(200))
+    log_level: str = _setting("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
 def load_settings(
@@ -87,32 +149,23 @@ def load_settings(
     :raise ConfigError: with one line that names the variable and what is wrong.
     """
     env = os.environ if environ is None else environ
+    given = {key.lower(): (key, value) for key, value in (overrides or {}).items()}
     values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    for name in Settings.model_fields:
-        var = ENV_PREFIX + name.upper()
-        if var in env:
-            values[name] = env[var]
-            sources[name] = var
-    for key, value in (overrides or {}).items():
-        name = key.lower()
-        if name in Settings.model_fields:
-            values[name] = value
-            sources[name] = key
-    try:
-        return Settings.model_validate(values)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, sources)) from None
+    for setting in fields(Settings):
+        var = ENV_PREFIX + setting.name.upper()
+        if setting.name in given:
+            where, raw = given[setting.name]
+        elif var in env:
+            where, raw = var, env[var]
+        else:
+            continue
+        try:
+            values[setting.name] = setting.metadata["parse"](raw)
+        except ValueError as exc:
+            raise ConfigError(f"invalid setting {where}={raw!r}: {exc}") from None
+    return Settings(**values)
 
 
 def setting_keys() -> set[str]:
     """Return the upper-case names of all settings, as ``create_app`` overrides use them."""
-    return {name.upper() for name in Settings.model_fields}
-
-
-def _describe(exc: ValidationError, sources: Mapping[str, str]) -> str:
-    first = exc.errors(include_url=False)[0]
-    name = str(first["loc"][0]) if first["loc"] else "?"
-    where = sources.get(name, ENV_PREFIX + name.upper())
-    message = first["msg"].removeprefix("Value error, ")
-    return f"invalid setting {where}={first.get('input')!r}: {message}"
+    return {setting.name.upper() for setting in fields(Settings)}

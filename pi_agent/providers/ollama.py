@@ -60,10 +60,13 @@ class OllamaProvider:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
         self.session = session
-        # The session's headers are merged into the request once, not on every call.
+        # The session's headers are merged into the request once, not on every call, and
+        # calls go to the adapter: Ollama sets no cookies and sends no redirects, so the
+        # session's per-call cookie and redirect handling is work for nothing.
         self._chat_request = session.prepare_request(requests.Request(
             "POST", self.base_url + "/api/chat", headers={"Content-Type": "application/json"}
         ))
+        self._adapter = session.get_adapter(self.base_url)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OllamaProvider:
@@ -108,7 +111,7 @@ class OllamaProvider:
         request.prepare_body(json.dumps(payload).encode(), None)
         started = time.perf_counter()
         try:
-            response = self.session.send(request, stream=stream, timeout=self.timeout)
+            response = self._adapter.send(request, stream=stream, timeout=self.timeout)
         except requests.RequestException as exc:
             raise _translate(exc) from exc
         logger.info(
