@@ -48,11 +48,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             ttl_seconds=settings.memory_ttl_minutes * 60,
             max_conversations=settings.memory_max_conversations,
         )
+    provider = PROVIDERS[settings.provider](settings)
     app.extensions[EXTENSION_KEY] = AppState(
         settings=settings,
-        provider=PROVIDERS[settings.provider](settings),
+        provider=provider,
         memory=memory,
         agents=agents.index_agents(),
+        readiness=health.ReadinessCheck(
+            provider, settings.model, settings.ollama_url, settings.ready_cache_seconds
+        ),
     )
 
     register_error_handlers(app)

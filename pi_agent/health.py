@@ -1,14 +1,84 @@
-"""``GET /health``: liveness only; it never calls the model server."""
+"""``GET /health`` (liveness: never calls Ollama) and ``GET /ready`` (Ollama and the model)."""
 from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
 
 from flask import Blueprint, Response, jsonify
 
 from . import __version__
-from .schemas import Health
+from .errors import ProviderError, ProviderUnavailable
+from .providers.base import Provider
+from .schemas import Health, Readiness
+from .state import current_state
 
 bp = Blueprint("health", __name__)
+
+
+class ReadinessCheck:
+    """Tell whether Ollama answers and has the configured model installed.
+
+    The answer is kept for ``ttl`` seconds, so that a load balancer or a monitoring script
+    that probes often does not turn into load on Ollama.
+    """
+
+    def __init__(
+        self,
+        provider: Provider,
+        model: str,
+        ollama_url: str,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.provider = provider
+        self.model = model
+        self.ollama_url = ollama_url
+        self.ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._answer: tuple[float, str] | None = None  # (when, reason; "" when ready)
+
+    def check(self) -> str:
+        """Return "" when ready, otherwise the reason, in words a person can act on."""
+        with self._lock:
+            now = self._clock()
+            if self._answer is None or now - self._answer[0] >= self.ttl:
+                self._answer = (now, self._probe())
+            return self._answer[1]
+
+    def _probe(self) -> str:
+        try:
+            installed = self.provider.list_models()
+        except ProviderUnavailable:
+            return f"ollama not reachable at {self.ollama_url}: is it running?"
+        except ProviderError as exc:
+            return f"ollama at {self.ollama_url} answered /api/tags badly: {exc.description}"
+        if _full_name(self.model) not in {_full_name(name) for name in installed}:
+            return f"model {self.model} is not pulled: run `ollama pull {self.model}`"
+        return ""
+
+
+def _full_name(model: str) -> str:
+    # Ollama matches names case-insensitively, and "llama3.2" means "llama3.2:latest".
+    name = model.strip().lower()
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 
 
 @bp.get("/health")
 def health() -> Response:
     return jsonify(Health(status="ok", version=__version__).model_dump())
+
+
+@bp.get("/ready")
+def ready() -> Response:
+    state = current_state()
+    reason = state.readiness.check()
+    body = Readiness(
+        status="not_ready" if reason else "ready",
+        model=state.settings.model,
+        reason=reason or None,
+    )
+    response = jsonify(body.model_dump(exclude_none=True))
+    response.status_code = 503 if reason else 200
+    return response

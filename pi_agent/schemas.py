@@ -60,6 +60,12 @@ class Health(BaseModel):
     version: str
 
 
+class Readiness(BaseModel):
+    status: str
+    model: str
+    reason: str | None = None
+
+
 class AgentList(BaseModel):
     agents: list[str]
 

@@ -13,18 +13,21 @@ from .providers.base import Provider
 
 if TYPE_CHECKING:
     from .agents import Agent
+    from .health import ReadinessCheck
 
 EXTENSION_KEY = "pi_agent"
 
 
 @dataclass(frozen=True)
 class AppState:
-    """The settings, the model provider, the memory (None when disabled) and the agents."""
+    """The settings, the model provider, the memory (None when disabled), the agents and
+    the readiness check."""
 
     settings: Settings
     provider: Provider
     memory: MemoryStore | None
     agents: Mapping[str, Agent]
+    readiness: ReadinessCheck
 
 
 def current_state() -> AppState:

@@ -55,6 +55,7 @@ class FakeOllama:
         self.requests: deque[dict[str, Any]] = deque(maxlen=10_000)
         self.tokens_sent = 0
         self.connections_accepted = 0
+        self.tags_status = 200
         self.stream_finished = threading.Event()
         self.client_closed = threading.Event()
         self.client_closed_at: float | None = None
@@ -169,10 +170,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"", "text/plain", length=len(b"404 page not found"))
 
     def do_GET(self) -> None:
+        with self.fake._lock:
+            self.fake.requests.append({"_path": self.path, "_method": "GET"})
         if self.path == "/":
             self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
         elif self.path == "/api/version":
             self._send_json(200, {"version": "0.33.0"})
+        elif self.path == "/api/tags" and self.fake.tags_status != 200:
+            self._send_json(self.fake.tags_status, {"error": "could not read the models"})
         elif self.path == "/api/tags":
             names = sorted(self.fake.models)
             models = [{"name": m, "model": m, "size": 1, "details": {}} for m in names]

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
 from pi_agent import __version__
 
 from .conftest import unused_port
+from .fake_ollama import FakeOllama
 
 
 def test_health_never_calls_ollama(make_app: Callable[..., Flask]) -> None:
@@ -47,3 +49,64 @@ def test_wrong_method_on_health_is_405(client: FlaskClient) -> None:
     response = client.post("/health")
     assert response.status_code == 405
     assert response.get_json()["error"]["code"] == "method_not_allowed"
+
+
+def tags_requests(fake: FakeOllama) -> int:
+    return sum(1 for r in fake.requests if r.get("_path") == "/api/tags")
+
+
+def test_ready_when_the_model_is_installed(client: FlaskClient, fake_ollama: FakeOllama) -> None:
+    response = client.get("/ready")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ready", "model": "llama3.2:1b"}
+
+
+@pytest.mark.parametrize("model", ["LLAMA3.2:1b", "qwen3:0.6b"])
+def test_ready_matches_names_as_ollama_does(
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama, model: str
+) -> None:
+    assert make_app(MODEL=model).test_client().get("/ready").status_code == 200
+
+
+def test_not_ready_when_the_model_is_not_pulled(
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama
+) -> None:
+    response = make_app(MODEL="mistral").test_client().get("/ready")
+    assert response.status_code == 503
+    assert response.get_json() == {
+        "status": "not_ready",
+        "model": "mistral",
+        "reason": "model mistral is not pulled: run `ollama pull mistral`",
+    }
+
+
+def test_not_ready_when_ollama_is_not_running(make_app: Callable[..., Flask]) -> None:
+    url = f"http://127.0.0.1:{unused_port()}"
+    response = make_app(OLLAMA_URL=url).test_client().get("/ready")
+    assert response.status_code == 503
+    assert response.get_json()["reason"] == f"ollama not reachable at {url}: is it running?"
+
+
+def test_not_ready_when_ollama_answers_badly(
+    client: FlaskClient, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.tags_status = 500
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert "answered /api/tags badly" in response.get_json()["reason"]
+
+
+def test_ready_answer_is_cached(make_app: Callable[..., Flask], fake_ollama: FakeOllama) -> None:
+    client = make_app(READY_CACHE_SECONDS=60).test_client()
+    assert [client.get("/ready").status_code for _ in range(3)] == [200, 200, 200]
+    assert tags_requests(fake_ollama) == 1
+
+
+def test_ready_asks_again_once_the_cache_is_old(
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama
+) -> None:
+    client = make_app(READY_CACHE_SECONDS=0).test_client()
+    assert client.get("/ready").status_code == 200
+    fake_ollama.models.discard("llama3.2:1b")
+    assert client.get("/ready").status_code == 503
+    assert tags_requests(fake_ollama) == 2

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 # gunicorn's worker_connections, so that a burst does not open and drop connections (and log
 # a warning for each) once requests' default of 10 is passed.
 POOL_SIZE = 1024
+# /api/tags only reads the model list from disk; a slow answer means Ollama is not well.
+TAGS_READ_TIMEOUT = 10.0
 # One NDJSON line is one token's object; a "line" this long means the stream is not NDJSON.
 MAX_LINE_BYTES = 1024 * 1024
 
@@ -95,6 +97,28 @@ class OllamaProvider:
         :raise ProviderError: before anything is streamed, e.g. for an unknown model.
         """
         return OllamaStream(self._post_chat(call, stream=True))
+
+    def list_models(self) -> list[str]:
+        """Return the names of the models installed in Ollama (``/api/tags``).
+
+        :raise ProviderError: a subclass for each way the call can fail.
+        """
+        try:
+            response = self.session.get(
+                self.base_url + "/api/tags", timeout=(self.timeout[0], TAGS_READ_TIMEOUT)
+            )
+            with response:
+                if response.status_code != 200:
+                    raise _status_error(response, "")
+                data = response.json()
+        except requests.RequestException as exc:
+            raise _translate(exc) from exc
+        except ValueError as exc:
+            raise UpstreamProtocolError() from exc
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            raise UpstreamProtocolError()
+        return [m["name"] for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]
 
     def close(self) -> None:
         self.session.close()
