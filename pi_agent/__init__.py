@@ -27,6 +27,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from flask import Flask
 
     from . import agents, chat, health
+    from .admission import Admission
     from .errors import register_error_handlers
     from .memory import MemoryStore
     from .providers import PROVIDERS
@@ -57,6 +58,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         readiness=health.ReadinessCheck(
             provider, settings.model, settings.ollama_url, settings.ready_cache_seconds
         ),
+        admission=Admission(settings.max_concurrent, settings.max_queue),
     )
 
     register_error_handlers(app)

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from .agents import Agent, find_agent
 from .config import Settings
-from .errors import ProviderError
+from .errors import ClientGone, ProviderError
 from .memory import MemoryStore, Turn
 from .providers.base import ChatCall, ChatStream
 from .schemas import ChatReply, ChatRequest, Usage
@@ -46,30 +46,48 @@ def _add_conversation_header(response: Response) -> Response:
 def chat() -> Response:
     """Answer one message; ``"stream": true`` streams the reply as UTF-8 text.
 
-    Everything that can fail with a status (validation, the agent, the upstream's first
-    answer) happens before the stream starts.
+    Everything that can fail with a status (validation, the agent, admission, the
+    upstream's first answer) happens before the stream starts.
     """
     body = parse_body(ChatRequest)
     conversation_id = body.conversation_id or str(uuid.uuid4())
     g.conversation_id = conversation_id
     agent = find_agent(body.agent)
     state = current_state()
-    history = state.memory.get_history(conversation_id) if state.memory is not None else []
-    call = build_call(agent, state.settings, history, body.message)
-    record = _recorder(state.memory, conversation_id, body.message)
+    client_gone = _disconnect_probe(request.environ)
+    admission = state.admission
+    ticket = admission.enter(conversation_id)
+    streaming = False
+    try:
+        while not admission.wait(ticket, CLIENT_CHECK_SECONDS):
+            if client_gone():
+                raise ClientGone()
+        history = state.memory.get_history(conversation_id) if state.memory is not None else []
+        call = build_call(agent, state.settings, history, body.message)
+        record = _recorder(state.memory, conversation_id, body.message)
 
-    if body.stream:
-        stream = state.provider.stream_chat(call)
-        return Response(
-            relay_text(stream, record, _disconnect_probe(request.environ)),
-            content_type="text/plain; charset=utf-8",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            # The relay yields bytes already: hand it to the WSGI server as it is, without
-            # werkzeug's two wrappers around every token.
-            direct_passthrough=True,
-        )
+        if body.stream:
+            stream = state.provider.stream_chat(call)
+            streaming = True
 
-    result = state.provider.chat(call)
+            def finish() -> None:
+                stream.close()
+                admission.leave(ticket)
+
+            return Response(
+                StreamBody(relay_text(stream, record, client_gone, finish), finish),
+                content_type="text/plain; charset=utf-8",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                # The relay yields bytes already: hand it to the WSGI server as it is,
+                # without werkzeug's two wrappers around every token.
+                direct_passthrough=True,
+            )
+
+        result = state.provider.chat(call)
+    finally:
+        # A stream gives its slot back when its body is closed, after the upstream is.
+        if not streaming:
+            admission.leave(ticket)
     record(result.content, False, result.done_reason)
     reply = ChatReply(
         reply=result.content,
@@ -85,6 +103,27 @@ def chat() -> Response:
         ),
     )
     return jsonify(reply.model_dump())
+
+
+class StreamBody:
+    """The body of a streamed reply. The WSGI server iterates it and then calls ``close``,
+    also when it never asked for a byte (the client left first), so the cleanup that must
+    always happen (close the upstream, give the slot back) runs in ``close``."""
+
+    def __init__(self, chunks: Iterator[bytes], cleanup: Callable[[], None]) -> None:
+        self._chunks = chunks
+        self._cleanup = cleanup
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._cleanup()
 
 
 def build_call(agent: Agent, settings: Settings, history: list[Turn], message: str) -> ChatCall:
@@ -103,7 +142,10 @@ def build_call(agent: Agent, settings: Settings, history: list[Turn], message: s
 
 
 def relay_text(
-    stream: ChatStream, record: Recorder, client_gone: Callable[[], bool]
+    stream: ChatStream,
+    record: Recorder,
+    client_gone: Callable[[], bool],
+    finish: Callable[[], None],
 ) -> Iterator[bytes]:
     """Yield each token as UTF-8 as it arrives; close the upstream however the stream ends.
 
@@ -111,7 +153,8 @@ def relay_text(
     with one ``[error] <message>`` line. A client that goes away shows up here as
     ``GeneratorExit`` at the next write: the upstream is closed at once, and the answer so
     far is remembered as partial. While the model only thinks nothing is written, so then
-    ``client_gone`` is asked instead, every ``CLIENT_CHECK_SECONDS``.
+    ``client_gone`` is asked instead, every ``CLIENT_CHECK_SECONDS``. ``finish`` closes the
+    upstream and gives the generation slot back, in that order.
     """
     pieces: list[str] = []
     done_reason = ""
@@ -137,7 +180,7 @@ def relay_text(
         logger.warning("stream to the client ended by %s", type(exc).__name__)
         yield f"\n[error] {exc.description}\n".encode()
     finally:
-        stream.close()
+        finish()
         if done_reason:
             record("".join(pieces), False, done_reason)
         elif not failed:

@@ -133,6 +133,8 @@ class Settings:
     connect_timeout: float = _setting(DEFAULT_CONNECT_TIMEOUT, _number(0, 600, low_open=True))
     read_timeout: float = _setting(DEFAULT_READ_TIMEOUT, _number(0, 86_400, low_open=True))
     max_body_bytes: int = _setting(64 * 1024, _integer(1024, 64 * 1024 * 1024))
+    max_concurrent: int = _setting(1, _integer(1, 100_000))
+    max_queue: int = _setting(8, _integer(0, 100_000))
     ready_cache_seconds: float = _setting(5.0, _number(0, 3600))
     bind: str = _setting("127.0.0.1:8000", _text(200))
     log_level: str = _setting("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))

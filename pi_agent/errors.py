@@ -58,6 +58,37 @@ class AgentNotFound(PiAgentError):
         super().__init__(f"unknown agent {name!r}: GET /agents lists the agents")
 
 
+class ConversationBusy(PiAgentError):
+    """The conversation has a turn queued or running; retry once that one has ended."""
+
+    code = 409
+    error_code = "conversation_busy"
+    description = "this conversation has a turn in progress: wait for it to end"
+
+
+class QueueFull(PiAgentError):
+    """Every generation slot is taken and the wait queue is full; retry after Retry-After."""
+
+    code = 429
+    error_code = "queue_full"
+    description = "the server is busy: every generation slot is taken and the queue is full"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__()
+        self.retry_after = retry_after
+
+    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        return [*super().get_headers(*args, **kwargs), ("Retry-After", str(self.retry_after))]
+
+
+class ClientGone(PiAgentError):
+    """The client closed its connection while its request waited; nobody reads the answer."""
+
+    code = 499  # nginx's "client closed request", so that the access log says what happened
+    error_code = "client_closed_request"
+    description = "the client closed the connection"
+
+
 class ProviderError(PiAgentError):
     """The model provider failed; the subclasses say how."""
 

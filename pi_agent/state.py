@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from flask import current_app
 
+from .admission import Admission
 from .config import Settings
 from .memory import MemoryStore
 from .providers.base import Provider
@@ -20,14 +21,15 @@ EXTENSION_KEY = "pi_agent"
 
 @dataclass(frozen=True)
 class AppState:
-    """The settings, the model provider, the memory (None when disabled), the agents and
-    the readiness check."""
+    """The settings, the model provider, the memory (None when disabled), the agents, the
+    readiness check and the admission control."""
 
     settings: Settings
     provider: Provider
     memory: MemoryStore | None
     agents: Mapping[str, Agent]
     readiness: ReadinessCheck
+    admission: Admission
 
 
 def current_state() -> AppState:

@@ -3,77 +3,18 @@ subprocess, in front of the fake Ollama."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
 from .fake_ollama import FakeOllama, Script
-
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP_SECONDS = 30
-
-
-def gunicorn_command() -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
-
-
-def server_env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PI_AGENT_")}
-    env.update({f"PI_AGENT_{k}": v for k, v in settings.items()})
-    return env
-
-
-class Gunicorn:
-    """A gunicorn master and its worker, started on 127.0.0.1 port 0 and stopped by pid."""
-
-    def __init__(self, log: Path, **settings: str) -> None:
-        self.log = log
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                gunicorn_command(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                env=server_env(BIND="127.0.0.1:0", **settings),
-            )
-        try:
-            self.url = self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self) -> str:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        url = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited early:\n{self.log.read_text()}")
-            if url is None:
-                found = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", self.log.read_text())
-                url = found.group(1) if found else None
-            if url is not None:
-                try:
-                    if requests.get(url + "/health", timeout=1).status_code == 200:
-                        return url
-                except requests.RequestException:
-                    pass  # not listening yet, or the worker is still booting
-            time.sleep(0.05)
-        raise RuntimeError(f"gunicorn not ready in {STARTUP_SECONDS} s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+from .live_server import ROOT, STARTUP_SECONDS, Gunicorn, gunicorn_command, server_env
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +29,8 @@ def upstream() -> Iterator[FakeOllama]:
 
 @pytest.fixture(scope="module")
 def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    server = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "server.log", OLLAMA_URL=upstream.url)
+    server = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "server.log", OLLAMA_URL=upstream.url,
+                      MAX_CONCURRENT="4")
     try:
         yield server
     finally:
