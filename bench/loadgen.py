@@ -24,6 +24,8 @@ class Result:
     total: float = 0.0  # ... to the end of the body
     tokens: int = 0
     frames: int = 0  # chunk frames with data (the terminating empty frame not counted)
+    token_reads: int = 0  # socket reads that brought at least one token
+    sent_at: float = 0.0  # perf_counter when the request was sent
     error: str = ""
 
 
@@ -70,7 +72,8 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.future is not None:
-            self._finish(Result(status=self.status, error="connection closed mid-response"))
+            self._finish(Result(status=self.status, error="connection closed mid-response",
+                                sent_at=self.started))
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -144,7 +147,8 @@ class _Client(asyncio.Protocol):
             found = body.find(TOKEN_BYTES)
             first_token_at = self.body_start + found if found >= 0 else -1
         result = Result(status=self.status, frames=frames, tokens=body.count(TOKEN_BYTES),
-                        total=now - self.started)
+                        total=now - self.started, sent_at=self.started)
+        result.token_reads = self._count_token_reads()
         result.ttfb = self.arrivals[0][0] - self.started
         if first_token_at >= 0:
             arrived = next(t for t, size in self.arrivals if size > first_token_at)
@@ -154,6 +158,16 @@ class _Client(asyncio.Protocol):
         elif self.status != 200:
             result.error = f"HTTP {self.status}"
         self._finish(result)
+
+    def _count_token_reads(self) -> int:
+        received = self.received
+        reads = 0
+        start = self.body_start
+        for _, end in self.arrivals:
+            if end > start and received.find(TOKEN_BYTES, start, end) >= 0:
+                reads += 1
+            start = max(start, end)
+        return reads
 
     def _finish(self, result: Result) -> None:
         future = self.future
@@ -186,7 +200,7 @@ async def run_client(target: Target, requests: int, timeout: float, results: lis
             try:
                 result = await asyncio.wait_for(client.send(request), timeout)
             except asyncio.TimeoutError:
-                result = Result(error="timeout")
+                result = Result(error="timeout", sent_at=client.started, total=timeout)
                 if client.transport is not None:
                     client.transport.abort()
                 client = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+TICK_SECONDS = 1 / _TICKS  # the resolution of the CPU times in /proc
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 
 import uvloop
 import http.client
@@ -22,10 +23,13 @@ import os
 import platform
 import re
 import resource
+import signal
 import statistics
+import threading
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -52,9 +56,9 @@ class Scenario:
 
 
 SCENARIOS = [
-    Scenario("nonstream-1", "non-stream 200 tokens, 1 client", False, 200, 0.0, 1, 600, 100),
+    Scenario("nonstream-1", "non-stream 200 tokens, 1 client", False, 200, 0.0, 1, 600, 50),
     Scenario("nonstream-32", "non-stream 200 tokens, 32 clients", False, 200, 0.0, 32, 80, 10),
-    Scenario("stream-1", "stream 200 tokens 2 ms apart, 1 client", True, 200, 0.002, 1, 25, 4),
+    Scenario("stream-1", "stream 200 tokens 2 ms apart, 1 client", True, 200, 0.002, 1, 60, 4),
     Scenario("stream-64", "stream 200 tokens 2 ms apart, 64 clients", True, 200, 0.002, 64, 4, 1),
     Scenario("held-500", "500 streams held (40 tokens 50 ms apart)", True, 40, 0.05, 500, 1, 1),
     Scenario("held-1200", "1,200 streams held (40 tokens 50 ms apart)", True, 40, 0.05, 1200, 1, 1),
@@ -65,7 +69,8 @@ SCENARIOS = [
 
 
 def _pin(cpu: int) -> None:
-    if len(os.sched_getaffinity(0)) > 1:
+    """Run this process on ``cpu`` alone, on a machine with more than one."""
+    if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {cpu})
 
 
@@ -115,7 +120,9 @@ class Process:
 
     def stop(self) -> None:
         if self.popen.poll() is None:
-            self.popen.terminate()
+            # SIGINT is gunicorn's quick shutdown: every request of the scenario has ended,
+            # and SIGTERM's graceful wait would add a second to each of the many restarts.
+            self.popen.send_signal(signal.SIGINT)
             try:
                 self.popen.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -143,8 +150,10 @@ def start_fake(out: Path) -> Process:
 def start_gateway(name: str, root: Path, fake_port: int, out: Path) -> Process:
     """Start Pi Agent Server from the checkout at ``root`` with its own gunicorn.conf.py."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PI_AGENT_")}
+    # Admission control stays on, with limits above the largest scenario: the bench measures
+    # the cost of the gateway, not a queue in front of the fake.
     env.update(PI_AGENT_BIND="127.0.0.1:0", PI_AGENT_OLLAMA_URL=f"http://127.0.0.1:{fake_port}",
-               PYTHONPATH=str(root))
+               PI_AGENT_MAX_CONCURRENT="5000", PI_AGENT_MAX_QUEUE="5000", PYTHONPATH=str(root))
     log = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
     gateway = Process(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                              "wsgi:app"], root, env, log, cpu=0)
@@ -173,14 +182,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def _sample_memory(pids: list[int], peak: list[int], stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        peak[0] = max(peak[0], procstat.rss_bytes(pids))
-        peak[1] = max(peak[1], procstat.pss_bytes(pids))
-        try:
-            await asyncio.wait_for(stop.wait(), 0.1)
-        except asyncio.TimeoutError:
-            pass
+class MemorySampler(threading.Thread):
+    """Sample the RSS and PSS of a process tree every 0.1 s, off the load generator's loop."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.peak_rss = max(self.peak_rss, procstat.rss_bytes(self.pids))
+            self.peak_pss = max(self.peak_pss, procstat.pss_bytes(self.pids))
+            if self.stopping.wait(0.1):
+                return
+
+
+def settled_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of ``pids`` once they have stopped working (at most 0.5 s from now): a
+    gateway still stores turns and writes access logs after the last response is read.
+    Idle, a gunicorn master and worker still tick now and then, so one clock tick of
+    difference counts as stopped."""
+    last = procstat.cpu_seconds(pids)
+    for _ in range(5):
+        time.sleep(0.1)
+        now = procstat.cpu_seconds(pids)
+        if now - last <= procstat.TICK_SECONDS:
+            return now
+        last = now
+    return last
 
 
 async def measure(
@@ -188,20 +220,30 @@ async def measure(
 ) -> dict[str, Any]:
     server_pids = server.pids() if server else []
     fake_pids = fake.pids()
-    peak = [0, 0]
-    stop = asyncio.Event()
-    sampler = asyncio.create_task(_sample_memory(server_pids, peak, stop)) if server else None
+    sampler = MemorySampler(server_pids)
+    sampler.start()
     cpu_server = procstat.cpu_seconds(server_pids)
     cpu_fake = procstat.cpu_seconds(fake_pids)
     cpu_self = time.process_time()
     wall = await run_load(target, load)
-    cpu_server = procstat.cpu_seconds(server_pids) - cpu_server
-    cpu_fake = procstat.cpu_seconds(fake_pids) - cpu_fake
     cpu_self = time.process_time() - cpu_self
-    stop.set()
-    if sampler:
-        await sampler
-    return summarize(load.results, wall, cpu_server, cpu_fake, cpu_self, peak[0], peak[1])
+    cpu_server = settled_cpu_seconds(server_pids) - cpu_server if server_pids else 0.0
+    cpu_fake = procstat.cpu_seconds(fake_pids) - cpu_fake
+    sampler.stopping.set()
+    sampler.join()
+    return summarize(load.results, wall, cpu_server, cpu_fake, cpu_self,
+                     sampler.peak_rss, sampler.peak_pss)
+
+
+def peak_open(results: list[Result]) -> int:
+    """The most requests in flight at once: sent, and their response not yet complete."""
+    events = sorted([(r.sent_at, 1) for r in results] + [(r.sent_at + r.total, -1)
+                                                         for r in results])
+    open_now = peak = 0
+    for _, change in events:
+        open_now += change
+        peak = max(peak, open_now)
+    return peak
 
 
 def summarize(results: list[Result], wall: float, cpu_server: float, cpu_fake: float,
@@ -226,6 +268,11 @@ def summarize(results: list[Result], wall: float, cpu_server: float, cpu_fake: f
         "total_p50_ms": percentile([r.total for r in ok], 50) * ms,
         "tokens_per_request": statistics.fmean(r.tokens for r in ok) if ok else 0.0,
         "frames_per_request": statistics.fmean(r.frames for r in ok) if ok else 0.0,
+        # Reads of the socket that brought tokens: a gateway that buffered would need few.
+        "token_reads_per_request": statistics.fmean(r.token_reads for r in ok) if ok else 0.0,
+        "every_request_frames_equal_tokens": all(r.frames == r.tokens for r in ok),
+        "every_request_tokens": sorted({r.tokens for r in ok}),
+        "peak_open": peak_open(results),
         "tokens": tokens,
         "server_cpu_s": cpu_server,
         "server_cpu_s_per_1k_tokens": cpu_server * per_k,
@@ -246,31 +293,59 @@ def direct_body(stream: bool) -> bytes:
                        "messages": [{"role": "user", "content": "Hello there"}]}).encode()
 
 
-async def run_scenarios(servers: dict[str, Process], fake: Process, quick: bool,
-                        scenarios: list[Scenario]) -> list[dict[str, Any]]:
+Starter = Callable[[], Process]
+
+
+async def run_scenarios(
+    starters: dict[str, Starter], fake: Process, quick: bool, scenarios: list[Scenario]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Run each scenario against the fake, then against each gateway in turn.
+
+    Each gateway is started fresh for each scenario and stopped after it, so one runs at a
+    time and what a scenario measures (peak RSS above all) does not carry earlier ones.
+    """
     rows = []
+    servers: dict[str, dict[str, Any]] = {}
+
+    def configure(tokens: int, token_delay: float) -> None:
+        config = json.dumps({"tokens": tokens, "token_delay": token_delay}).encode()
+        assert http_call(fake.port, "POST", "/_bench/config", config)[0] == 200
+
     for scenario in scenarios:
-        config = {"tokens": scenario.tokens, "token_delay": scenario.token_delay}
-        assert http_call(fake.port, "POST", "/_bench/config", json.dumps(config).encode())[0] == 200
         requests = scenario.quick_requests_per_client if quick else scenario.requests_per_client
-        direct = Target("127.0.0.1", fake.port, "/api/chat", direct_body(scenario.stream))
-        targets: dict[str, tuple[Target, Process | None]] = {"ollama (direct)": (direct, None)}
-        for name, server in servers.items():
-            gateway = Target("127.0.0.1", server.port, "/chat", chat_body(scenario.stream))
-            targets[name] = (gateway, server)
-        for name, (target, measured) in targets.items():
-            load = Load(clients=scenario.clients, requests_per_client=requests)
-            row = {"scenario": scenario.name, "key": scenario.key, "target": name,
-                   "clients": scenario.clients, "stream": scenario.stream,
-                   "expected_tokens": scenario.tokens}
-            row.update(await measure(target, load, measured, fake))
+        for name in ["ollama (direct)", *starters]:
+            server = None
+            if name == "ollama (direct)":
+                target = Target("127.0.0.1", fake.port, "/api/chat", direct_body(scenario.stream))
+            else:
+                server = starters[name]()
+                # Warm up both paths, so that no scenario pays for first-use work.
+                configure(5, 0.0)
+                status, _ = http_call(server.port, "POST", "/chat", chat_body(False))
+                http_call(server.port, "POST", "/chat", chat_body(True))
+                servers.setdefault(name, {
+                    "startup_s": server.startup_seconds, "warm_up_status": status,
+                    "idle_rss_mib": procstat.rss_bytes(server.pids()) / 2**20,
+                    "idle_pss_mib": procstat.pss_bytes(server.pids()) / 2**20,
+                })
+                target = Target("127.0.0.1", server.port, "/chat", chat_body(scenario.stream))
+            configure(scenario.tokens, scenario.token_delay)
+            try:
+                load = Load(clients=scenario.clients, requests_per_client=requests)
+                row = {"scenario": scenario.name, "key": scenario.key, "target": name,
+                       "clients": scenario.clients, "stream": scenario.stream,
+                       "expected_tokens": scenario.tokens}
+                row.update(await measure(target, load, server, fake))
+            finally:
+                if server is not None:
+                    server.stop()
             print(f"{scenario.name:44} {name:16} {row['req_per_s']:8.1f} req/s  "
                   f"ttft p50 {row['ttft_p50_ms']:7.2f} ms  errors {row['errors']}  cpu: server "
                   f"{row['server_cpu_s']:.2f} s, fake {row['fake_cpu_s']:.2f} s, load "
                   f"{row['loadgen_cpu_s']:.2f} s, wall {row['wall_s']:.2f} s", flush=True)
             rows.append(row)
-            await asyncio.sleep(0.5)  # let closed connections settle between targets
-    return rows
+            await asyncio.sleep(0.2)  # let closed connections settle between targets
+    return rows, servers
 
 
 # --- reporting ----------------------------------------------------------------------
@@ -448,29 +523,20 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    _pin(1)
+    _pin(1)  # the harness; the gateways pin themselves to CPU 0
 
-    processes: list[Process] = []
+    started = time.perf_counter()
+    fake = start_fake(args.out)
     try:
-        fake = start_fake(args.out)
-        processes.append(fake)
-        servers: dict[str, Process] = {}
+        starters: dict[str, Starter] = {}
         for name, root in [("pi-agent", ROOT)] + [(f"pi-agent@{d.name}", d) for d in args.compare]:
-            servers[name] = start_gateway(name, root.resolve(), fake.port, args.out)
-            processes.append(servers[name])
+            starters[name] = functools.partial(start_gateway, name, root.resolve(), fake.port,
+                                               args.out)
         if not args.no_naive and (NAIVE_DIR / "naive_proxy.py").exists():
-            servers["naive proxy"] = start_naive(fake.port, args.out)
-            processes.append(servers["naive proxy"])
-        info = {}
-        for name, server in servers.items():
-            status, _ = http_call(server.port, "POST", "/chat", chat_body(False))  # warm up
-            info[name] = {"startup_s": server.startup_seconds, "warm_up_status": status,
-                          "idle_rss_mib": procstat.rss_bytes(server.pids()) / 2**20,
-                          "idle_pss_mib": procstat.pss_bytes(server.pids()) / 2**20}
-        rows = uvloop.run(run_scenarios(servers, fake, args.quick, scenarios))
+            starters["naive proxy"] = functools.partial(start_naive, fake.port, args.out)
+        rows, info = uvloop.run(run_scenarios(starters, fake, args.quick, scenarios))
     finally:
-        for process in reversed(processes):
-            process.stop()
+        fake.stop()
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -479,7 +545,8 @@ def main() -> None:
         "scenarios": [asdict(s) for s in scenarios],
         "servers": info,
         "rows": rows,
-        "comparison": compare(rows, list(servers)),
+        "comparison": compare(rows, list(info)),
+        "elapsed_s": time.perf_counter() - started,
     }
     report["goals"] = check_goals(report)
     (args.out / "latest.json").write_text(json.dumps(report, indent=2))

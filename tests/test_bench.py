@@ -22,14 +22,17 @@ def test_quick_benchmark_runs_clean(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "latest.json").read_text())
     assert (tmp_path / "latest.md").read_text().startswith("Run ")
-    rows = [r for r in report["rows"] if r["target"] == "pi-agent"]
-    assert {r["key"] for r in rows} == {
-        "nonstream-1", "nonstream-32", "stream-1", "stream-64", "held-500", "held-1200"
-    }
-    for row in rows:
-        assert row["errors"] == 0, row
-        assert row["requests"] > 0
-        assert row["tokens_per_request"] == row["expected_tokens"]
-        if row["stream"]:
-            assert row["frames_per_request"] == row["tokens_per_request"]
+    keys = {"nonstream-1", "nonstream-32", "stream-1", "stream-64", "held-500", "held-1200"}
+    for target in ("ollama (direct)", "pi-agent"):
+        rows = [r for r in report["rows"] if r["target"] == target]
+        assert {r["key"] for r in rows} == keys
+        for row in rows:
+            assert row["errors"] == 0, row
+            assert row["requests"] > 0 and row["requests"] % row["clients"] == 0
+            assert row["every_request_tokens"] == [row["expected_tokens"]]
+            if row["stream"] and target == "pi-agent":
+                # One chunk frame per token, in every request: nothing was buffered.
+                assert row["every_request_frames_equal_tokens"], row
+    held = [r for r in report["rows"] if r["key"] == "held-1200" and r["target"] == "pi-agent"]
+    assert held[0]["peak_open"] == 1200
     assert report["servers"]["pi-agent"]["warm_up_status"] == 200
