@@ -29,6 +29,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from . import agents, chat, health
     from .admission import Admission
     from .errors import register_error_handlers
+    from .events import RunningTurns
     from .memory import MemoryStore
     from .providers import PROVIDERS
     from .state import EXTENSION_KEY, AppState
@@ -59,6 +60,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             provider, settings.model, settings.ollama_url, settings.ready_cache_seconds
         ),
         admission=Admission(settings.max_concurrent, settings.max_queue),
+        running=RunningTurns(),
     )
 
     register_error_handlers(app)

@@ -73,12 +73,22 @@ class Admission:
         with self._changed:
             return self._changed.wait_for(lambda: ticket.admitted, timeout)
 
+    def wait_for_change(self, ticket: Ticket, position: int, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the ticket's place to change from ``position``;
+        return the place then (0: it holds a slot)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._position(ticket) != position, timeout)
+            return self._position(ticket)
+
     def position(self, ticket: Ticket) -> int:
         """Return the ticket's place in the queue, from 1; 0 once it holds a slot."""
         with self._changed:
-            if ticket.admitted or ticket.left:
-                return 0
-            return self._waiting.index(ticket) + 1
+            return self._position(ticket)
+
+    def _position(self, ticket: Ticket) -> int:
+        if ticket.admitted or ticket.left:
+            return 0
+        return self._waiting.index(ticket) + 1
 
     def leave(self, ticket: Ticket) -> None:
         """Give the slot or the place in the queue back; calling it again does nothing."""

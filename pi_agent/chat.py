@@ -13,11 +13,13 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from .agents import Agent, find_agent
 from .config import Settings
-from .errors import ClientGone, ProviderError
+from .errors import ClientGone, ProviderError, TurnNotRunning
+from .events import NDJSON, SSE, EventFormat, EventStream, Timeouts
 from .memory import MemoryStore, Turn
-from .providers.base import ChatCall, ChatStream
-from .schemas import ChatReply, ChatRequest, Usage
+from .providers.base import Abort, ChatCall, ChatStream
+from .schemas import CONVERSATION_ID, Cancelled, ChatReply, ChatRequest, Usage
 from .state import current_state
+from .streaming import StreamBody
 from .validation import parse_body
 
 logger = logging.getLogger(__name__)
@@ -44,38 +46,95 @@ def _add_conversation_header(response: Response) -> Response:
 
 @bp.post("/chat")
 def chat() -> Response:
-    """Answer one message; ``"stream": true`` streams the reply as UTF-8 text.
+    """Answer one message. ``"stream": true`` streams the reply: as UTF-8 text, or as events
+    when the client accepts ``text/event-stream`` (SSE) or ``application/x-ndjson``.
 
-    Everything that can fail with a status (validation, the agent, admission, the
-    upstream's first answer) happens before the stream starts.
+    Everything that can fail with a status (validation, the agent, admission and, for plain
+    text, the upstream's first answer) happens before the stream starts.
     """
+    return _answer(events_only=False)
+
+
+@bp.post("/chat/stream")
+def chat_stream() -> Response:
+    """Answer one message as an event stream: SSE, or NDJSON if that is what is accepted."""
+    return _answer(events_only=True)
+
+
+@bp.post("/chat/<conversation_id>/cancel")
+def cancel(conversation_id: str) -> Response:
+    """Stop the streamed turn running in a conversation; its stream ends with ``cancelled``.
+
+    :raise 404: no streamed turn of that conversation is queued or running.
+    """
+    if not CONVERSATION_ID.fullmatch(conversation_id) or not current_state().running.cancel(
+        conversation_id
+    ):
+        raise TurnNotRunning()
+    g.conversation_id = conversation_id
+    return jsonify(Cancelled(conversation_id=conversation_id, status="cancelling").model_dump())
+
+
+def _answer(events_only: bool) -> Response:
     body = parse_body(ChatRequest)
     conversation_id = body.conversation_id or str(uuid.uuid4())
     g.conversation_id = conversation_id
     agent = find_agent(body.agent)
     state = current_state()
+    settings = state.settings
+    fmt = _event_format(events_only or body.stream, default_sse=events_only)
     client_gone = _disconnect_probe(request.environ)
     admission = state.admission
     ticket = admission.enter(conversation_id)
+    record = _recorder(state.memory, conversation_id, body.message)
+
+    if fmt is not None:
+        def make_call() -> ChatCall:
+            history = state.memory.get_history(conversation_id) if state.memory else []
+            return build_call(agent, settings, history, body.message)
+
+        stream = EventStream(
+            fmt=fmt, conversation_id=conversation_id, agent=agent.name,
+            model=agent.resolve_model(settings), provider=state.provider,
+            admission=admission, ticket=ticket, running=state.running,
+            make_call=make_call, record=record, client_gone=client_gone,
+            timeouts=Timeouts(settings.heartbeat_seconds, settings.first_token_timeout,
+                              settings.idle_timeout, settings.total_timeout),
+        )
+        return Response(
+            StreamBody(stream.relay(), cleanup=lambda: admission.leave(ticket)),
+            content_type=fmt.content_type,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            direct_passthrough=True,
+        )
+
     streaming = False
     try:
         while not admission.wait(ticket, CLIENT_CHECK_SECONDS):
             if client_gone():
                 raise ClientGone()
         history = state.memory.get_history(conversation_id) if state.memory is not None else []
-        call = build_call(agent, state.settings, history, body.message)
-        record = _recorder(state.memory, conversation_id, body.message)
+        call = build_call(agent, settings, history, body.message)
 
         if body.stream:
-            stream = state.provider.stream_chat(call)
+            turn = state.running.add(conversation_id)
+            abort = Abort()
+            turn.attach(abort)
+            try:
+                text_stream = state.provider.stream_chat(call, abort)
+            except BaseException:
+                state.running.remove(conversation_id, turn)
+                raise
             streaming = True
 
             def finish() -> None:
-                stream.close()
+                text_stream.close()
                 admission.leave(ticket)
+                state.running.remove(conversation_id, turn)
 
             return Response(
-                StreamBody(relay_text(stream, record, client_gone, finish), finish),
+                StreamBody(relay_text(text_stream, record, client_gone, finish,
+                                      lambda: abort.requested), finish),
                 content_type="text/plain; charset=utf-8",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 # The relay yields bytes already: hand it to the WSGI server as it is,
@@ -105,27 +164,6 @@ def chat() -> Response:
     return jsonify(reply.model_dump())
 
 
-class StreamBody:
-    """The body of a streamed reply. The WSGI server iterates it and then calls ``close``,
-    also when it never asked for a byte (the client left first), so the cleanup that must
-    always happen (close the upstream, give the slot back) runs in ``close``."""
-
-    def __init__(self, chunks: Iterator[bytes], cleanup: Callable[[], None]) -> None:
-        self._chunks = chunks
-        self._cleanup = cleanup
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self._chunks
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._chunks, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._cleanup()
-
-
 def build_call(agent: Agent, settings: Settings, history: list[Turn], message: str) -> ChatCall:
     """Build the upstream request: system prompt, remembered turns, then the new message."""
     messages = [{"role": "system", "content": agent.system_prompt}]
@@ -146,6 +184,7 @@ def relay_text(
     record: Recorder,
     client_gone: Callable[[], bool],
     finish: Callable[[], None],
+    cancelled: Callable[[], bool],
 ) -> Iterator[bytes]:
     """Yield each token as UTF-8 as it arrives; close the upstream however the stream ends.
 
@@ -176,6 +215,10 @@ def relay_text(
         if done_reason == "length":
             yield TRUNCATED_LINE
     except ProviderError as exc:
+        if cancelled():
+            # The answer so far was seen; it is remembered as partial, as on a disconnect.
+            yield b"\n[error] the turn was cancelled\n"
+            return
         failed = True
         logger.warning("stream to the client ended by %s", type(exc).__name__)
         yield f"\n[error] {exc.description}\n".encode()
@@ -185,6 +228,22 @@ def relay_text(
             record("".join(pieces), False, done_reason)
         elif not failed:
             record("".join(pieces), True, "")
+
+
+def _event_format(streaming: bool, default_sse: bool) -> EventFormat | None:
+    """Pick the event format the client asked for with Accept; None means plain text."""
+    if not streaming:
+        return None
+    accepted = request.accept_mimetypes
+    wants_ndjson = any(v == "application/x-ndjson" and q > 0 for v, q in accepted)
+    wants_sse = any(v == "text/event-stream" and q > 0 for v, q in accepted)
+    if wants_ndjson and wants_sse:
+        return SSE if accepted["text/event-stream"] >= accepted["application/x-ndjson"] else NDJSON
+    if wants_ndjson:
+        return NDJSON
+    if wants_sse or default_sse:
+        return SSE
+    return None
 
 
 def _disconnect_probe(environ: dict[str, Any]) -> Callable[[], bool]:

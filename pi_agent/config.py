@@ -18,7 +18,10 @@ ENV_PREFIX = "PI_AGENT_"
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 # A cold model load on a Raspberry Pi takes minutes, and Ollama sends no byte before it ends.
-DEFAULT_READ_TIMEOUT = 300.0
+DEFAULT_FIRST_TOKEN_TIMEOUT = 300.0
+
+# Old names that newer settings took over, still accepted: new name -> old name.
+ALIASES = {"first_token_timeout": "read_timeout"}
 
 # Ollama takes keep_alive as seconds (a number) or a Go duration string such as "10m" or
 # "1h30m". A bare "-1" string is rejected upstream, so integers are sent as numbers.
@@ -131,7 +134,11 @@ class Settings:
     memory_ttl_minutes: float = _setting(60.0, _number(0, 10**6, low_open=True))
     memory_max_conversations: int = _setting(1000, _integer(1, 1_000_000))
     connect_timeout: float = _setting(DEFAULT_CONNECT_TIMEOUT, _number(0, 600, low_open=True))
-    read_timeout: float = _setting(DEFAULT_READ_TIMEOUT, _number(0, 86_400, low_open=True))
+    first_token_timeout: float = _setting(DEFAULT_FIRST_TOKEN_TIMEOUT,
+                                          _number(0, 86_400, low_open=True))
+    idle_timeout: float = _setting(60.0, _number(0, 86_400, low_open=True))
+    total_timeout: float = _setting(600.0, _number(0, 7 * 86_400, low_open=True))
+    heartbeat_seconds: float = _setting(10.0, _number(0, 3600, low_open=True))
     max_body_bytes: int = _setting(64 * 1024, _integer(1024, 64 * 1024 * 1024))
     max_concurrent: int = _setting(1, _integer(1, 100_000))
     max_queue: int = _setting(8, _integer(0, 100_000))
@@ -155,13 +162,10 @@ def load_settings(
     given = {key.lower(): (key, value) for key, value in (overrides or {}).items()}
     values: dict[str, Any] = {}
     for setting in fields(Settings):
-        var = ENV_PREFIX + setting.name.upper()
-        if setting.name in given:
-            where, raw = given[setting.name]
-        elif var in env:
-            where, raw = var, env[var]
-        else:
+        found = _find([setting.name, *ALIASES.get(setting.name, "").split()], given, env)
+        if found is None:
             continue
+        where, raw = found
         try:
             values[setting.name] = setting.metadata["parse"](raw)
         except ValueError as exc:
@@ -169,6 +173,22 @@ def load_settings(
     return Settings(**values)
 
 
+def _find(
+    names: list[str], given: Mapping[str, tuple[str, Any]], env: Mapping[str, str]
+) -> tuple[str, Any] | None:
+    """Find a setting under its name or its old one: the caller's dict first, then the
+    environment; return where it was found and its raw value."""
+    for name in names:
+        if name in given:
+            return given[name]
+    for name in names:
+        var = ENV_PREFIX + name.upper()
+        if var in env:
+            return var, env[var]
+    return None
+
+
 def setting_keys() -> set[str]:
     """Return the upper-case names of all settings, as ``create_app`` overrides use them."""
-    return {setting.name.upper() for setting in fields(Settings)}
+    names = [setting.name for setting in fields(Settings)] + list(ALIASES.values())
+    return {name.upper() for name in names}

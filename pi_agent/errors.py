@@ -58,6 +58,14 @@ class AgentNotFound(PiAgentError):
         super().__init__(f"unknown agent {name!r}: GET /agents lists the agents")
 
 
+class TurnNotRunning(PiAgentError):
+    """No streamed turn of that conversation is queued or running, so none can be cancelled."""
+
+    code = 404
+    error_code = "turn_not_running"
+    description = "no streamed turn of this conversation is running"
+
+
 class ConversationBusy(PiAgentError):
     """The conversation has a turn queued or running; retry once that one has ended."""
 

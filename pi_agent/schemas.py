@@ -1,6 +1,7 @@
 """The request and response bodies of the HTTP API, as pydantic models."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator
@@ -8,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 MAX_MESSAGE_CHARS = 4000
 
 # Letters, digits, "-" and "_" only: a conversation id goes into a response header and the log.
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 ConversationId = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
 ]
@@ -53,6 +55,11 @@ class ChatReply(BaseModel):
     provider: str
     done_reason: str
     usage: Usage
+
+
+class Cancelled(BaseModel):
+    conversation_id: str
+    status: str
 
 
 class Health(BaseModel):

@@ -14,6 +14,7 @@ from .providers.base import Provider
 
 if TYPE_CHECKING:
     from .agents import Agent
+    from .events import RunningTurns
     from .health import ReadinessCheck
 
 EXTENSION_KEY = "pi_agent"
@@ -30,6 +31,7 @@ class AppState:
     agents: Mapping[str, Agent]
     readiness: ReadinessCheck
     admission: Admission
+    running: RunningTurns
 
 
 def current_state() -> AppState:

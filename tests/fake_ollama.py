@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import socket
 import sys
 import threading
@@ -244,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append(b"")
         else:
             lines.append(encode(self._final(model, script)))
-        if script.first_token_delay and not self.fake.wait(script.first_token_delay):
+        if script.first_token_delay and not self._wait_watching(script.first_token_delay):
             return
         head = self._head(200, "application/x-ndjson", chunked=True)
         self.close_connection = True
@@ -275,6 +276,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.fake.stream_finished.set()
         except (BrokenPipeError, ConnectionResetError):
             self.fake.note_client_closed()
+
+    def _wait_watching(self, seconds: float) -> bool:
+        """Hold back the first token like a loading model, but notice a client that leaves
+        meanwhile (as Ollama does); return False if it left or the fake is stopping."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], min(left, 0.02))
+            if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                self.fake.note_client_closed()
+                return False
+            if not self.fake.wait(0):
+                return False
+        return True
 
     def _write_line(self, head: bytes, line: bytes, split: bool) -> None:
         if not split:

@@ -13,7 +13,9 @@ def test_defaults() -> None:
     settings = load_settings(environ={})
     assert settings.ollama_url == "http://127.0.0.1:11434"
     assert settings.model == "llama3.2:1b"
-    assert (settings.connect_timeout, settings.read_timeout) == (3, 300)
+    assert (settings.connect_timeout, settings.first_token_timeout) == (3, 300)
+    assert (settings.idle_timeout, settings.total_timeout, settings.heartbeat_seconds) == (
+        60, 600, 10)
     assert settings.enable_memory is True
     assert settings.bind == "127.0.0.1:8000"
 
@@ -32,7 +34,7 @@ def test_environment_then_overrides() -> None:
     assert settings.num_ctx == 1024  # the caller's dict wins over the environment
     assert settings.enable_memory is False
     assert settings.ollama_url == "http://pi.local:11434"
-    assert settings.read_timeout == 12.5
+    assert settings.first_token_timeout == 12.5  # PI_AGENT_READ_TIMEOUT, the old name
 
 
 def test_create_app_reads_the_environment_when_called() -> None:
@@ -82,3 +84,9 @@ def test_bad_value_is_one_line_naming_the_variable(var: str, value: str) -> None
 def test_bad_override_names_its_key() -> None:
     with pytest.raises(ConfigError, match=r"^invalid setting NUM_CTX='x': "):
         create_app({"NUM_CTX": "x"})
+
+
+def test_new_name_wins_over_the_old_one() -> None:
+    env = {"PI_AGENT_READ_TIMEOUT": "12", "PI_AGENT_FIRST_TOKEN_TIMEOUT": "34"}
+    assert load_settings(environ=env).first_token_timeout == 34
+    assert load_settings({"READ_TIMEOUT": 5}, environ=env).first_token_timeout == 5

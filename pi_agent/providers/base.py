@@ -1,7 +1,8 @@
 """What the gateway asks of a model provider, and what a provider hands back."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,6 +33,33 @@ class ChatChunk:
     completion_tokens: int = 0
 
 
+class Abort:
+    """Lets one thread stop a provider call that another thread is making.
+
+    The provider sets a handler (e.g. "shut the socket") while the call is under way;
+    ``request`` runs it, at once or as soon as one is set.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handler: Callable[[], None] | None = None
+        self.requested = False
+
+    def set_handler(self, handler: Callable[[], None] | None) -> None:
+        with self._lock:
+            self._handler = handler
+            run = handler if self.requested else None
+        if run is not None:
+            run()
+
+    def request(self) -> None:
+        with self._lock:
+            self.requested = True
+            handler = self._handler
+        if handler is not None:
+            handler()
+
+
 class ChatStream(Protocol):
     """The chunks of a streamed reply; ``close`` releases the upstream connection.
 
@@ -50,7 +78,7 @@ class Provider(Protocol):
 
     def chat(self, call: ChatCall) -> ChatChunk: ...
 
-    def stream_chat(self, call: ChatCall) -> ChatStream: ...
+    def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> ChatStream: ...
 
     def list_models(self) -> list[str]: ...
 

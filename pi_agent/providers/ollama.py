@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import requests
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
 
-from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Settings
+from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_FIRST_TOKEN_TIMEOUT, Settings
 from ..errors import (
     ModelNotFound,
     ProviderError,
@@ -24,7 +28,7 @@ from ..errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
-from .base import ChatCall, ChatChunk
+from .base import Abort, ChatCall, ChatChunk
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,52 @@ TAGS_READ_TIMEOUT = 10.0
 MAX_LINE_BYTES = 1024 * 1024
 
 
+# The Abort of the call that the current thread (greenlet, under gevent) is making.
+_current = threading.local()
+
+
+class _AbortableMixin:
+    """A urllib3 connection whose socket the call using it can shut from another thread:
+    shutting a socket wakes a thread blocked on it, and tells Ollama to stop generating.
+    It is the only way to stop a call that still waits for its first byte."""
+
+    sock: socket.socket | None
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        abort: Abort | None = getattr(_current, "abort", None)
+        if abort is not None:
+            abort.set_handler(self._shut)
+        super().request(*args, **kwargs)  # type: ignore[misc]
+        # A new connection has a socket only now; an abort that came while it connected
+        # found none to shut.
+        if abort is not None and abort.requested:
+            self._shut()
+
+    def _shut(self) -> None:
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _AbortableHTTPConnection(_AbortableMixin, HTTPConnection):
+    pass
+
+
+class _AbortableHTTPSConnection(_AbortableMixin, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _AbortableHTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _AbortableHTTPSConnection
+
+
 class OllamaProvider:
     """A client of one Ollama server that owns one ``requests.Session``, so connections are
     reused, and gives every call a ``(connect, read)`` timeout."""
@@ -48,7 +98,7 @@ class OllamaProvider:
         self,
         base_url: str,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        read_timeout: float = DEFAULT_FIRST_TOKEN_TIMEOUT,
         session: requests.Session | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -59,6 +109,7 @@ class OllamaProvider:
             # reroute it, and reading them (and .netrc) on every call doubles requests' cost.
             session.trust_env = False
             adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE)
+            adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
             session.mount("http://", adapter)
             session.mount("https://", adapter)
         self.session = session
@@ -72,7 +123,10 @@ class OllamaProvider:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OllamaProvider:
-        return cls(settings.ollama_url, settings.connect_timeout, settings.read_timeout)
+        # The socket timeout covers the wait for the first token (Ollama sends nothing
+        # before it) and each wait between tokens; event streams also keep their own
+        # first-token, idle and total deadlines.
+        return cls(settings.ollama_url, settings.connect_timeout, settings.first_token_timeout)
 
     def chat(self, call: ChatCall) -> ChatChunk:
         """Ask for a whole reply at once.
@@ -91,12 +145,20 @@ class OllamaProvider:
             raise UpstreamProtocolError()
         return chunk
 
-    def stream_chat(self, call: ChatCall) -> OllamaStream:
+    def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> OllamaStream:
         """Start a streamed reply; returns once Ollama has sent its headers and first token.
+
+        ``abort``, requested from another thread, shuts the call's connection at any time,
+        also while it waits for the first token; the call then fails.
 
         :raise ProviderError: before anything is streamed, e.g. for an unknown model.
         """
-        return OllamaStream(self._post_chat(call, stream=True))
+        _current.abort = abort
+        try:
+            response = self._post_chat(call, stream=True)
+        finally:
+            _current.abort = None
+        return OllamaStream(response)
 
     def list_models(self) -> list[str]:
         """Return the names of the models installed in Ollama (``/api/tags``).

@@ -1,0 +1,230 @@
+"""Event streams: ``start``, ``queued``, ``token``, then exactly one ``done`` or ``error``,
+as Server-Sent Events or as NDJSON, with heartbeats while nothing else is sent."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .admission import Admission, Ticket
+from .errors import ProviderError
+from .generation import Generation
+from .providers.base import Abort, ChatCall, Provider
+
+logger = logging.getLogger(__name__)
+
+# How often a waiting stream looks for a cancel request or a client that left (at least
+# twice per heartbeat interval); heartbeats are rarer.
+POLL_SECONDS = 0.5
+
+
+class EventFormat:
+    """How events are written: SSE (``event:`` and ``data:`` lines) or NDJSON lines."""
+
+    def __init__(self, content_type: str, sse: bool) -> None:
+        self.content_type = content_type
+        self.sse = sse
+
+    def event(self, name: str, data: dict[str, Any]) -> bytes:
+        if self.sse:
+            body = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+            return f"event: {name}\ndata: {body}\n\n".encode()
+        line = json.dumps({"event": name, **data}, separators=(",", ":"), ensure_ascii=False)
+        return (line + "\n").encode()
+
+    def ping(self) -> bytes:
+        return b": ping\n\n" if self.sse else b'{"event":"ping"}\n'
+
+
+SSE = EventFormat("text/event-stream; charset=utf-8", sse=True)
+NDJSON = EventFormat("application/x-ndjson", sse=False)
+
+
+class Cancel:
+    """A request to stop a turn, from another connection (``POST /chat/<id>/cancel``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requested = False
+        self._abort: Abort | None = None
+
+    def attach(self, abort: Abort) -> None:
+        """Stop the upstream call behind ``abort`` when (or if already) cancelled."""
+        with self._lock:
+            self._abort = abort
+            run = self.requested
+        if run:
+            abort.request()
+
+    def request(self) -> None:
+        with self._lock:
+            self.requested = True
+            abort = self._abort
+        if abort is not None:
+            abort.request()
+
+
+class RunningTurns:
+    """The streamed turns under way, by conversation id (admission allows one each)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turns: dict[str, Cancel] = {}
+
+    def add(self, conversation_id: str) -> Cancel:
+        cancel = Cancel()
+        with self._lock:
+            self._turns[conversation_id] = cancel
+        return cancel
+
+    def remove(self, conversation_id: str, cancel: Cancel) -> None:
+        with self._lock:
+            if self._turns.get(conversation_id) is cancel:
+                del self._turns[conversation_id]
+
+    def cancel(self, conversation_id: str) -> bool:
+        """Ask the running turn of the conversation to stop; False if there is none."""
+        with self._lock:
+            cancel = self._turns.get(conversation_id)
+        if cancel is None:
+            return False
+        cancel.request()
+        return True
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    heartbeat: float
+    first_token: float
+    idle: float
+    total: float
+
+
+@dataclass
+class EventStream:
+    """Everything a stream needs, gathered before it starts."""
+
+    fmt: EventFormat
+    conversation_id: str
+    agent: str
+    model: str
+    provider: Provider
+    admission: Admission
+    ticket: Ticket
+    running: RunningTurns
+    make_call: Callable[[], ChatCall]  # reads the history once the turn holds a slot
+    record: Callable[[str, bool, str], None]
+    timeouts: Timeouts
+    # Whether the client closed its connection; asked at every poll, so that a client
+    # that leaves is noticed before the next heartbeat would fail to reach it.
+    client_gone: Callable[[], bool]
+
+    def relay(self) -> Iterator[bytes]:
+        """Yield the events; close the upstream and give the slot back however it ends."""
+        fmt, timeouts = self.fmt, self.timeouts
+        poll = min(POLL_SECONDS, timeouts.heartbeat / 2)
+        started = time.monotonic()
+        cancel = self.running.add(self.conversation_id)
+        generation: Generation | None = None
+        pieces: list[str] = []
+        outcome = "disconnected"
+        try:
+            yield fmt.event("start", {"conversation_id": self.conversation_id,
+                                      "agent": self.agent, "model": self.model})
+            last_write = time.monotonic()
+            position = self.admission.position(self.ticket)
+            while position and not cancel.requested:
+                yield fmt.event("queued", {"position": position})
+                last_write = time.monotonic()
+                while not cancel.requested:
+                    new = self.admission.wait_for_change(self.ticket, position, poll)
+                    if new != position:
+                        position = new
+                        break
+                    if self.client_gone():
+                        return
+                    if time.monotonic() - last_write >= timeouts.heartbeat:
+                        yield fmt.ping()
+                        last_write = time.monotonic()
+            if cancel.requested:
+                outcome = "cancelled"
+                yield _error(fmt, "cancelled", "the turn was cancelled")
+                return
+            queue_ms = _ms(time.monotonic() - started)
+
+            generation = Generation(self.provider, self.make_call())
+            cancel.attach(generation.abort)
+            generation.start()
+            began = time.monotonic()
+            deadline = began + timeouts.first_token
+            end = began + timeouts.total
+            first_token_ms: int | None = None
+            while True:
+                now = time.monotonic()
+                wait = min(last_write + timeouts.heartbeat, deadline, end, now + poll)
+                item = generation.next(wait - now)
+                if item is None and self.client_gone():
+                    return
+                if cancel.requested:
+                    outcome = "cancelled"
+                    yield _error(fmt, "cancelled", "the turn was cancelled")
+                    return
+                now = time.monotonic()
+                if item is None:
+                    if now >= deadline or now >= end:
+                        outcome = "failed"
+                        logger.warning("upstream timed out (%s)",
+                                       "first token" if first_token_ms is None else "idle/total")
+                        yield _error(fmt, "upstream_timeout",
+                                     "the model server did not answer in time")
+                        return
+                    if now - last_write >= timeouts.heartbeat:
+                        yield fmt.ping()
+                        last_write = now
+                    continue
+                if isinstance(item, ProviderError):
+                    outcome = "failed"
+                    logger.warning("event stream ended by %s", type(item).__name__)
+                    yield _error(fmt, item.error_code, item.description)
+                    return
+                if first_token_ms is None:
+                    first_token_ms = _ms(now - began)
+                deadline = now + timeouts.idle
+                if item.content:
+                    pieces.append(item.content)
+                    yield fmt.event("token", {"content": item.content})
+                    last_write = time.monotonic()
+                if item.done:
+                    outcome = "done"
+                    usage = {"prompt_tokens": item.prompt_tokens,
+                             "completion_tokens": item.completion_tokens,
+                             "total_tokens": item.prompt_tokens + item.completion_tokens}
+                    self.record("".join(pieces), False, item.done_reason)
+                    yield fmt.event("done", {
+                        "conversation_id": self.conversation_id,
+                        "done_reason": item.done_reason,
+                        "usage": usage,
+                        "timings": {"queue_ms": queue_ms, "first_token_ms": first_token_ms,
+                                    "total_ms": _ms(time.monotonic() - started)},
+                    })
+                    return
+        finally:
+            # Close the upstream first, then give the slot back.
+            if generation is not None:
+                generation.stop(graceful=outcome == "done")
+            self.admission.leave(self.ticket)
+            self.running.remove(self.conversation_id, cancel)
+            if outcome in ("disconnected", "cancelled"):
+                self.record("".join(pieces), True, "")
+
+
+def _error(fmt: EventFormat, code: str, message: str) -> bytes:
+    return fmt.event("error", {"code": code, "message": message})
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
