@@ -32,3 +32,21 @@ loglevel = _settings.log_level.lower()
 # gunicorn 24+ opens a control socket in a shared path by default; nothing here uses it, and
 # two servers on one machine would fight over it. Older versions ignore the name.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """On SIGTERM, tell the app when graceful_timeout runs out, so that an event stream still
+    running then ends with an error event server_shutting_down instead of a silent cut."""
+    import signal
+
+    from pi_agent.lifecycle import announce_shutdown
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handle_term(sig, frame):
+        announce_shutdown(worker.wsgi, worker.cfg.graceful_timeout)
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_term)
+    signal.siginterrupt(signal.SIGTERM, False)

@@ -30,6 +30,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .admission import Admission
     from .errors import register_error_handlers
     from .events import RunningTurns
+    from .lifecycle import Shutdown
     from .memory import MemoryStore
     from .providers import PROVIDERS
     from .state import EXTENSION_KEY, AppState
@@ -61,6 +62,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         ),
         admission=Admission(settings.max_concurrent, settings.max_queue),
         running=RunningTurns(),
+        shutdown=Shutdown(),
     )
 
     register_error_handlers(app)

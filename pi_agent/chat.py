@@ -98,6 +98,7 @@ def _answer(events_only: bool) -> Response:
             model=agent.resolve_model(settings), provider=state.provider,
             admission=admission, ticket=ticket, running=state.running,
             make_call=make_call, record=record, client_gone=client_gone,
+            shutdown=state.shutdown,
             timeouts=Timeouts(settings.heartbeat_seconds, settings.first_token_timeout,
                               settings.idle_timeout, settings.total_timeout),
         )

@@ -13,6 +13,7 @@ from typing import Any
 from .admission import Admission, Ticket
 from .errors import ProviderError
 from .generation import Generation
+from .lifecycle import Shutdown
 from .providers.base import Abort, ChatCall, Provider
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class EventStream:
     # Whether the client closed its connection; asked at every poll, so that a client
     # that leaves is noticed before the next heartbeat would fail to reach it.
     client_gone: Callable[[], bool]
+    shutdown: Shutdown
 
     def relay(self) -> Iterator[bytes]:
         """Yield the events; close the upstream and give the slot back however it ends."""
@@ -147,6 +149,9 @@ class EventStream:
                         break
                     if self.client_gone():
                         return
+                    if self.shutdown.due():
+                        yield _shutting_down(fmt)
+                        return
                     if time.monotonic() - last_write >= timeouts.heartbeat:
                         yield fmt.ping()
                         last_write = time.monotonic()
@@ -168,6 +173,10 @@ class EventStream:
                 wait = min(last_write + timeouts.heartbeat, deadline, end, now + poll)
                 item = generation.next(wait - now)
                 if item is None and self.client_gone():
+                    return
+                if self.shutdown.due():
+                    logger.warning("stream cut short: the server is shutting down")
+                    yield _shutting_down(fmt)
                     return
                 if cancel.requested:
                     outcome = "cancelled"
@@ -220,6 +229,11 @@ class EventStream:
             self.running.remove(self.conversation_id, cancel)
             if outcome in ("disconnected", "cancelled"):
                 self.record("".join(pieces), True, "")
+
+
+def _shutting_down(fmt: EventFormat) -> bytes:
+    return _error(fmt, "server_shutting_down",
+                  "the server is shutting down; send the turn again in a moment")
 
 
 def _error(fmt: EventFormat, code: str, message: str) -> bytes:

@@ -9,6 +9,7 @@ from flask import current_app
 
 from .admission import Admission
 from .config import Settings
+from .lifecycle import Shutdown
 from .memory import MemoryStore
 from .providers.base import Provider
 
@@ -32,6 +33,7 @@ class AppState:
     readiness: ReadinessCheck
     admission: Admission
     running: RunningTurns
+    shutdown: Shutdown
 
 
 def current_state() -> AppState:

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 30
 
 
-def gunicorn_command() -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+def gunicorn_command(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra, "wsgi:app"]
 
 
 def server_env(**settings: str) -> dict[str, str]:
@@ -28,11 +28,12 @@ def server_env(**settings: str) -> dict[str, str]:
 class Gunicorn:
     """A gunicorn master and its worker, started on 127.0.0.1 port 0 and stopped by pid."""
 
-    def __init__(self, log: Path, **settings: str) -> None:
+    def __init__(self, log: Path, *args: str, **settings: str) -> None:
+        """``args`` go to gunicorn, ``settings`` become PI_AGENT_* variables."""
         self.log = log
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                gunicorn_command(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                gunicorn_command(*args), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                 env=server_env(BIND="127.0.0.1:0", **settings),
             )
         try:

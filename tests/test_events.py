@@ -341,3 +341,23 @@ def test_cancel_a_plain_text_stream(server: Gunicorn, fake: FakeOllama) -> None:
         rest = b"".join(pieces)
         canceller.join()
     assert rest.endswith(b"\n[error] the turn was cancelled\n")
+
+
+def test_sigterm_ends_running_streams_with_an_event(
+    upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upstream.script = Script(tokens=[f"t{i} " for i in range(400)], token_delay=0.05)
+    server = Gunicorn(tmp_path_factory.mktemp("shutdown") / "server.log", "--graceful-timeout",
+                      "3", OLLAMA_URL=upstream.url, HEARTBEAT_SECONDS="0.5")
+    try:
+        stream = RawStream(server)
+        try:
+            stream.read_until(b'"t1 "')
+            server.process.terminate()
+            text = stream.read_until(b"event: error").decode()
+        finally:
+            stream.close()
+        assert '"code":"server_shutting_down"' in text and "event: done" not in text
+        assert server.process.wait(timeout=15) == 0
+    finally:
+        server.stop()
