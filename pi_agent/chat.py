@@ -2,24 +2,23 @@
 from __future__ import annotations
 
 import logging
-import select
-import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import contextmanager
 
 from flask import Blueprint, Response, g, jsonify, request
 
 from .agents import Agent, find_agent
 from .config import Settings
-from .errors import ClientGone, ProviderError, TurnNotRunning
+from .errors import ClientGone, ProviderError, TurnCancelled, TurnNotRunning
 from .events import NDJSON, SSE, EventFormat, EventStream, Timeouts
 from .memory import MemoryStore, Turn
 from .providers.base import Abort, ChatCall, ChatStream
 from .schemas import CONVERSATION_ID, Cancelled, ChatReply, ChatRequest, Usage
 from .state import current_state
-from .streaming import StreamBody
+from .streaming import StreamBody, client_probe, never
 from .validation import parse_body
 
 logger = logging.getLogger(__name__)
@@ -63,9 +62,9 @@ def chat_stream() -> Response:
 
 @bp.post("/chat/<conversation_id>/cancel")
 def cancel(conversation_id: str) -> Response:
-    """Stop the streamed turn running in a conversation; its stream ends with ``cancelled``.
+    """Stop the turn running in a conversation; it ends with ``cancelled``.
 
-    :raise 404: no streamed turn of that conversation is queued or running.
+    :raise 404: no turn of that conversation is queued or running.
     """
     if not CONVERSATION_ID.fullmatch(conversation_id) or not current_state().running.cancel(
         conversation_id
@@ -83,7 +82,8 @@ def _answer(events_only: bool) -> Response:
     state = current_state()
     settings = state.settings
     fmt = _event_format(events_only or body.stream, default_sse=events_only)
-    client_gone = _disconnect_probe(request.environ)
+    probe = client_probe(request.environ)
+    client_gone = probe or never
     admission = state.admission
     ticket = admission.enter(conversation_id)
     record = _recorder(state.memory, conversation_id, body.message)
@@ -109,6 +109,11 @@ def _answer(events_only: bool) -> Response:
             direct_passthrough=True,
         )
 
+    # A plain-text or non-stream turn: registered for cancel, watched for a client that
+    # leaves while Ollama has not answered yet (nothing is written to it until then).
+    turn = state.running.add(conversation_id)
+    abort = Abort()
+    turn.attach(abort)
     streaming = False
     try:
         while not admission.wait(ticket, CLIENT_CHECK_SECONDS):
@@ -116,16 +121,18 @@ def _answer(events_only: bool) -> Response:
                 raise ClientGone()
         history = state.memory.get_history(conversation_id) if state.memory is not None else []
         call = build_call(agent, settings, history, body.message)
+        try:
+            with _watching(probe, abort):
+                if body.stream:
+                    text_stream = state.provider.stream_chat(call, abort)
+                else:
+                    result = state.provider.chat(call, abort)
+        except ProviderError:
+            if abort.requested:
+                raise ClientGone() if client_gone() else TurnCancelled() from None
+            raise
 
         if body.stream:
-            turn = state.running.add(conversation_id)
-            abort = Abort()
-            turn.attach(abort)
-            try:
-                text_stream = state.provider.stream_chat(call, abort)
-            except BaseException:
-                state.running.remove(conversation_id, turn)
-                raise
             streaming = True
 
             def finish() -> None:
@@ -142,12 +149,11 @@ def _answer(events_only: bool) -> Response:
                 # without werkzeug's two wrappers around every token.
                 direct_passthrough=True,
             )
-
-        result = state.provider.chat(call)
     finally:
         # A stream gives its slot back when its body is closed, after the upstream is.
         if not streaming:
             admission.leave(ticket)
+            state.running.remove(conversation_id, turn)
     record(result.content, False, result.done_reason)
     reply = ChatReply(
         reply=result.content,
@@ -231,6 +237,30 @@ def relay_text(
             record("".join(pieces), True, "")
 
 
+@contextmanager
+def _watching(client_gone: Callable[[], bool] | None, abort: Abort) -> Iterator[None]:
+    """While the block waits for Ollama, check the client every ``CLIENT_CHECK_SECONDS``
+    from a helper thread (a greenlet under gevent), and stop the call if it left."""
+    if client_gone is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(CLIENT_CHECK_SECONDS):
+            if client_gone():
+                logger.info("client went away before the first token")
+                abort.request()
+                return
+
+    watcher = threading.Thread(target=watch, name="client-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def _event_format(streaming: bool, default_sse: bool) -> EventFormat | None:
     """Pick the event format the client asked for with Accept; None means plain text."""
     if not streaming:
@@ -245,27 +275,6 @@ def _event_format(streaming: bool, default_sse: bool) -> EventFormat | None:
     if wants_sse or default_sse:
         return SSE
     return None
-
-
-def _disconnect_probe(environ: dict[str, Any]) -> Callable[[], bool]:
-    """Return a check that the client closed its connection, without writing to it.
-
-    gunicorn puts the client socket in the environ; other WSGI servers may not, and then the
-    check says no and a disconnect is noticed at the next write.
-    """
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        return lambda: False
-
-    def client_gone() -> bool:
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            # Readable with nothing to read is the end of the connection.
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    return client_gone
 
 
 def _recorder(memory: MemoryStore | None, conversation_id: str, message: str) -> Recorder:

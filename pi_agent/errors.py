@@ -59,11 +59,19 @@ class AgentNotFound(PiAgentError):
 
 
 class TurnNotRunning(PiAgentError):
-    """No streamed turn of that conversation is queued or running, so none can be cancelled."""
+    """No turn of that conversation is queued or running, so none can be cancelled."""
 
     code = 404
     error_code = "turn_not_running"
-    description = "no streamed turn of this conversation is running"
+    description = "no turn of this conversation is running"
+
+
+class TurnCancelled(PiAgentError):
+    """The turn was cancelled (``POST /chat/<id>/cancel``) before its reply started."""
+
+    code = 409
+    error_code = "cancelled"
+    description = "the turn was cancelled"
 
 
 class ConversationBusy(PiAgentError):

@@ -233,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
         return final
 
     def _answer_chat(self, model: str, script: Script) -> None:
-        if script.first_token_delay and not self.fake.wait(script.first_token_delay):
+        if script.first_token_delay and not self._wait_watching(script.first_token_delay):
             return
         final = self._final(model, script, "".join(script.tokens), "".join(script.thinking))
         self._send_json(200, final)

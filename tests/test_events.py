@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -361,3 +362,40 @@ def test_sigterm_ends_running_streams_with_an_event(
         assert server.process.wait(timeout=15) == 0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["plain-text", "non-stream"])
+def test_disconnect_before_the_first_token_without_events(
+    server: Gunicorn, fake: FakeOllama, stream: bool
+) -> None:
+    fake.script = Script(tokens=["never"], first_token_delay=20)
+    before = len(fake.chat_requests())
+    port = int(server.url.rsplit(":", 1)[1])
+    payload = json.dumps({"message": "x", "stream": stream}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        deadline = time.monotonic() + 5
+        while len(fake.chat_requests()) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(fake.chat_requests()) == before + 1
+    closed = time.monotonic()
+    # Nothing is written to such a client before the first token, so a watcher notices.
+    assert upstream_closed_within(fake, closed, HEARTBEAT)
+
+
+def test_cancel_a_non_stream_turn(server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(tokens=["never"], first_token_delay=20)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(requests.post, server.url + "/chat",
+                              json={"message": "x", "conversation_id": "ns-cancel"}, timeout=15)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            cancelled = requests.post(server.url + "/chat/ns-cancel/cancel", timeout=10)
+            if cancelled.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert cancelled.status_code == 200
+        response = waiting.result()
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "cancelled"

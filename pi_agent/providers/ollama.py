@@ -128,12 +128,16 @@ class OllamaProvider:
         # first-token, idle and total deadlines.
         return cls(settings.ollama_url, settings.connect_timeout, settings.first_token_timeout)
 
-    def chat(self, call: ChatCall) -> ChatChunk:
-        """Ask for a whole reply at once.
+    def chat(self, call: ChatCall, abort: Abort | None = None) -> ChatChunk:
+        """Ask for a whole reply at once; ``abort`` works as for ``stream_chat``.
 
         :raise ProviderError: a subclass for each way the call can fail.
         """
-        response = self._post_chat(call, stream=False)
+        _current.abort = abort
+        try:
+            response = self._post_chat(call, stream=False)
+        finally:
+            _current.abort = None
         try:
             chunk = _parse_line(response.content)
         except requests.RequestException as exc:
