@@ -399,3 +399,31 @@ def test_cancel_a_non_stream_turn(server: Gunicorn, fake: FakeOllama) -> None:
         response = waiting.result()
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    "accept, script, expected",
+    [
+        ("text/event-stream", Script(tokens=["a", "b"]), ["start", "token", "token", "done"]),
+        ("application/x-ndjson", Script(tokens=["a", "b"]), ["start", "token", "token", "done"]),
+        ("text/event-stream", Script(tokens=["a", "b"], error_after=1),
+         ["start", "token", "error"]),
+        ("text/event-stream", Script(tokens=["late"], first_token_delay=2.5),
+         ["start", "ping", "token", "done"]),
+        ("application/x-ndjson", Script(tokens=["late"], first_token_delay=2.5),
+         ["start", "ping", "token", "done"]),
+    ],
+    ids=["sse", "ndjson", "sse-error", "sse-heartbeat", "ndjson-heartbeat"],
+)
+def test_event_sequences_through_gunicorn(
+    server: Gunicorn, fake: FakeOllama, accept: str, script: Script, expected: list[str]
+) -> None:
+    fake.script = script
+    response = requests.post(server.url + "/chat", json={"message": "x", "stream": True},
+                             headers={"Accept": accept}, timeout=30)
+    assert response.status_code == 200
+    parse = parse_sse if accept == "text/event-stream" else parse_ndjson
+    seen = names(parse(response.text))
+    # Heartbeats come every second while the fake holds its first token back 2.5 s.
+    collapsed = [name for i, name in enumerate(seen) if name != "ping" or seen[i - 1] != "ping"]
+    assert collapsed == expected
