@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -27,14 +28,34 @@ def clean_environ() -> Iterator[None]:
     os.environ.update(saved)
 
 
-@pytest.fixture
-def fake_ollama() -> Iterator[FakeOllama]:
+@contextmanager
+def running_fake() -> Iterator[FakeOllama]:
+    """A started fake Ollama, stopped afterwards; its handlers must not have failed."""
     fake = FakeOllama().start()
     try:
         yield fake
     finally:
         fake.stop()
     assert fake.handler_errors == []
+
+
+@pytest.fixture
+def fake_ollama() -> Iterator[FakeOllama]:
+    with running_fake() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOllama]:
+    """One fake Ollama for a module's gunicorn server; ``fake`` resets it for each test."""
+    with running_fake() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(upstream: FakeOllama) -> FakeOllama:
+    upstream.reset()
+    return upstream
 
 
 def unused_port() -> int:

@@ -91,6 +91,15 @@ class FakeOllama:
         self._server.server_close()  # joins the handler threads
         self._thread.join()
 
+    def reset(self) -> None:
+        """Answer with the default script again and forget what the last test saw."""
+        self.script = Script()
+        self.scripts.clear()
+        self.tokens_sent = 0
+        self.stream_finished.clear()
+        self.client_closed.clear()
+        self.client_closed_at = None
+
     def chat_requests(self) -> list[dict[str, Any]]:
         with self._lock:
             return [r for r in self.requests if r.get("_path") == "/api/chat"]

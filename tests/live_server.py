@@ -2,12 +2,15 @@
 127.0.0.1 port 0, for full-stack tests; started and stopped by its own pid."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -68,3 +71,30 @@ class Gunicorn:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class RawStream:
+    """A POST answered over a plain socket, so that a test can drop it at any point."""
+
+    def __init__(self, server: Gunicorn, path: str = "/chat/stream", **body: Any) -> None:
+        port = int(server.url.rsplit(":", 1)[1])
+        payload = json.dumps({"message": "hello", **body}).encode()
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                          % (path.encode(), len(payload), payload))
+        self.received = b""
+
+    def read_until(self, marker: bytes, seconds: float = 10) -> bytes:
+        deadline = time.monotonic() + seconds
+        while marker not in self.received and time.monotonic() < deadline:
+            data = self.sock.recv(65536)
+            if not data:
+                break
+            self.received += data
+        assert marker in self.received, self.received
+        return self.received
+
+    def close(self) -> float:
+        self.sock.close()
+        return time.monotonic()

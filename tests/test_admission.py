@@ -87,16 +87,6 @@ def test_wait_returns_when_admitted_or_timed_out() -> None:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeOllama]:
-    fake = FakeOllama().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
-    assert fake.handler_errors == []
-
-
-@pytest.fixture(scope="module")
 def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     server = Gunicorn(tmp_path_factory.mktemp("admission") / "server.log",
                       OLLAMA_URL=upstream.url, MAX_CONCURRENT="1", MAX_QUEUE="2")

@@ -3,7 +3,6 @@ and disconnects, through the Flask test client and through gunicorn."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from flask.testing import FlaskClient
 
 from .conftest import state
 from .fake_ollama import FakeOllama, Script
-from .live_server import Gunicorn
+from .live_server import Gunicorn, RawStream
 
 Event = tuple[str, dict[str, Any]]
 
@@ -185,16 +184,6 @@ HEARTBEAT = 1.0
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeOllama]:
-    fake = FakeOllama().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
-    assert fake.handler_errors == []
-
-
-@pytest.fixture(scope="module")
 def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     server = Gunicorn(tmp_path_factory.mktemp("events") / "server.log", OLLAMA_URL=upstream.url,
                       MAX_CONCURRENT="1", MAX_QUEUE="2", HEARTBEAT_SECONDS=str(HEARTBEAT))
@@ -202,44 +191,6 @@ def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> It
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def fake(upstream: FakeOllama) -> FakeOllama:
-    upstream.script = Script()
-    upstream.scripts.clear()
-    upstream.stream_finished.clear()
-    upstream.client_closed.clear()
-    upstream.client_closed_at = None
-    upstream.tokens_sent = 0
-    return upstream
-
-
-class RawStream:
-    """An event stream read over a plain socket, so that a test can drop it at any point."""
-
-    def __init__(self, server: Gunicorn, **body: Any) -> None:
-        port = int(server.url.rsplit(":", 1)[1])
-        payload = json.dumps({"message": "hello", **body}).encode()
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.sendall(b"POST /chat/stream HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                          b"application/json\r\nContent-Length: %d\r\n\r\n%s"
-                          % (len(payload), payload))
-        self.received = b""
-
-    def read_until(self, marker: bytes, seconds: float = 10) -> bytes:
-        deadline = time.monotonic() + seconds
-        while marker not in self.received and time.monotonic() < deadline:
-            data = self.sock.recv(65536)
-            if not data:
-                break
-            self.received += data
-        assert marker in self.received, self.received
-        return self.received
-
-    def close(self) -> float:
-        self.sock.close()
-        return time.monotonic()
 
 
 def upstream_closed_within(fake: FakeOllama, since: float, seconds: float) -> bool:
@@ -370,16 +321,12 @@ def test_disconnect_before_the_first_token_without_events(
 ) -> None:
     fake.script = Script(tokens=["never"], first_token_delay=20)
     before = len(fake.chat_requests())
-    port = int(server.url.rsplit(":", 1)[1])
-    payload = json.dumps({"message": "x", "stream": stream}).encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        deadline = time.monotonic() + 5
-        while len(fake.chat_requests()) == before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(fake.chat_requests()) == before + 1
-    closed = time.monotonic()
+    request = RawStream(server, "/chat", stream=stream)
+    deadline = time.monotonic() + 5
+    while len(fake.chat_requests()) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(fake.chat_requests()) == before + 1
+    closed = request.close()
     # Nothing is written to such a client before the first token, so a watcher notices.
     assert upstream_closed_within(fake, closed, HEARTBEAT)
 

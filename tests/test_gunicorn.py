@@ -2,7 +2,6 @@
 subprocess, in front of the fake Ollama."""
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -14,17 +13,14 @@ import pytest
 import requests
 
 from .fake_ollama import FakeOllama, Script
-from .live_server import ROOT, STARTUP_SECONDS, Gunicorn, gunicorn_command, server_env
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeOllama]:
-    fake = FakeOllama().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
-    assert fake.handler_errors == []
+from .live_server import (
+    ROOT,
+    STARTUP_SECONDS,
+    Gunicorn,
+    RawStream,
+    gunicorn_command,
+    server_env,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +32,6 @@ def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         server.stop()
     assert server.process.returncode == 0, server.log.read_text()
-
-
-@pytest.fixture
-def fake(upstream: FakeOllama) -> FakeOllama:
-    """The module's fake Ollama, reset for one test."""
-    upstream.script = Script()
-    upstream.tokens_sent = 0
-    upstream.stream_finished.clear()
-    upstream.client_closed.clear()
-    upstream.client_closed_at = None
-    upstream.scripts.clear()
-    return upstream
 
 
 def open_stream(server: Gunicorn, **body: object) -> requests.Response:
@@ -169,16 +153,12 @@ def test_disconnect_while_the_model_thinks_closes_upstream(
     server: Gunicorn, fake: FakeOllama
 ) -> None:
     fake.script = Script(thinking=["hmm "] * 300, tokens=["answer"], token_delay=0.02)
-    port = int(server.url.rsplit(":", 1)[1])
-    body = json.dumps({"message": "think hard", "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        deadline = time.monotonic() + 5
-        while fake.tokens_sent < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert fake.tokens_sent >= 5  # the model is thinking; nothing was written to us
-    closed_by_client = time.monotonic()
+    request = RawStream(server, "/chat", message="think hard", stream=True)
+    deadline = time.monotonic() + 5
+    while fake.tokens_sent < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.tokens_sent >= 5  # the model is thinking; nothing was written to us
+    closed_by_client = request.close()
     assert fake.client_closed.wait(5), "the upstream stream was never closed"
     assert fake.client_closed_at is not None
     assert fake.client_closed_at - closed_by_client < 1.5
