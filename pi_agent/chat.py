@@ -2,23 +2,29 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 from flask import Blueprint, Response, g, jsonify, request
 
 from .agents import Agent, find_agent
 from .config import Settings
-from .errors import ClientGone, ProviderError, TurnCancelled, TurnNotRunning
+from .errors import (
+    ClientGone,
+    PiAgentError,
+    ProviderError,
+    ProviderTimeout,
+    ServerShuttingDown,
+    TurnCancelled,
+    TurnNotRunning,
+)
 from .events import NDJSON, SSE, EventFormat, EventStream, Timeouts
 from .memory import MemoryStore, Turn
 from .providers.base import Abort, ChatCall, ChatStream
 from .schemas import CONVERSATION_ID, Cancelled, ChatReply, ChatRequest, Usage
 from .state import current_state
-from .streaming import StreamBody, client_probe, never
+from .streaming import StreamBody, TurnWatch, client_probe, never
 from .validation import parse_body
 
 logger = logging.getLogger(__name__)
@@ -28,8 +34,21 @@ bp = Blueprint("chat", __name__)
 # A reply cut at num_predict must never pass for a complete one, also in plain text.
 TRUNCATED_LINE = b"\n[truncated] the reply reached the num_predict limit\n"
 
-# How often a stream that writes nothing (the model is thinking) checks for its client.
+# How often a request waiting for a generation slot checks for its client.
 CLIENT_CHECK_SECONDS = 0.5
+
+# Why a turn was stopped from outside (see TurnWatch), as the client is told.
+_STOPPED: dict[str, type[PiAgentError]] = {
+    "cancelled": TurnCancelled,
+    "client_gone": ClientGone,
+    "shutting_down": ServerShuttingDown,
+    "timeout": ProviderTimeout,
+}
+_STOPPED_LINES = {
+    "cancelled": b"\n[error] the turn was cancelled\n",
+    "shutting_down": b"\n[error] the server is shutting down\n",
+    "timeout": b"\n[error] the model server did not answer in time\n",
+}
 
 # Stores a finished or partial answer; built before the stream starts, so it holds plain values.
 Recorder = Callable[[str, bool, str], None]
@@ -109,40 +128,46 @@ def _answer(events_only: bool) -> Response:
             direct_passthrough=True,
         )
 
-    # A plain-text or non-stream turn: registered for cancel, watched for a client that
-    # leaves while Ollama has not answered yet (nothing is written to it until then).
+    # A plain-text or non-stream turn: registered for cancel, and watched, since it writes
+    # nothing to its client until its reply (or its next token) comes.
     turn = state.running.add(conversation_id)
     abort = Abort()
     turn.attach(abort)
     streaming = False
     try:
         while not admission.wait(ticket, CLIENT_CHECK_SECONDS):
+            if abort.requested:
+                raise TurnCancelled()
             if client_gone():
                 raise ClientGone()
         history = state.memory.get_history(conversation_id) if state.memory is not None else []
         call = build_call(agent, settings, history, body.message)
+        watch = TurnWatch(abort, probe, state.shutdown, settings.idle_timeout,
+                          settings.total_timeout)
+        watch.start()
         try:
-            with _watching(probe, abort):
-                if body.stream:
-                    text_stream = state.provider.stream_chat(call, abort)
-                else:
-                    result = state.provider.chat(call, abort)
+            if body.stream:
+                text_stream = state.provider.stream_chat(call, abort)
+            else:
+                result = state.provider.chat(call, abort)
         except ProviderError:
+            watch.stop()
             if abort.requested:
-                raise ClientGone() if client_gone() else TurnCancelled() from None
+                raise _STOPPED.get(abort.reason, TurnCancelled)() from None
             raise
-
-        if body.stream:
+        if not body.stream:
+            watch.stop()
+        else:
             streaming = True
 
             def finish() -> None:
+                watch.stop()
                 text_stream.close()
                 admission.leave(ticket)
                 state.running.remove(conversation_id, turn)
 
             return Response(
-                StreamBody(relay_text(text_stream, record, client_gone, finish,
-                                      lambda: abort.requested), finish),
+                StreamBody(relay_text(text_stream, record, finish, watch), finish),
                 content_type="text/plain; charset=utf-8",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 # The relay yields bytes already: hand it to the WSGI server as it is,
@@ -187,44 +212,40 @@ def build_call(agent: Agent, settings: Settings, history: list[Turn], message: s
 
 
 def relay_text(
-    stream: ChatStream,
-    record: Recorder,
-    client_gone: Callable[[], bool],
-    finish: Callable[[], None],
-    cancelled: Callable[[], bool],
+    stream: ChatStream, record: Recorder, finish: Callable[[], None], watch: TurnWatch
 ) -> Iterator[bytes]:
     """Yield each token as UTF-8 as it arrives; close the upstream however the stream ends.
 
     A failure after the first byte cannot change the status any more, so it ends the text
     with one ``[error] <message>`` line. A client that goes away shows up here as
-    ``GeneratorExit`` at the next write: the upstream is closed at once, and the answer so
-    far is remembered as partial. While the model only thinks nothing is written, so then
-    ``client_gone`` is asked instead, every ``CLIENT_CHECK_SECONDS``. ``finish`` closes the
-    upstream and gives the generation slot back, in that order.
+    ``GeneratorExit`` at the next write, or, between tokens, as the call that ``watch``
+    stopped: the upstream is closed at once and the answer so far is remembered as partial.
+    ``finish`` closes the upstream and gives the generation slot back, in that order.
     """
     pieces: list[str] = []
     done_reason = ""
     failed = False
-    next_check = time.monotonic() + CLIENT_CHECK_SECONDS
     try:
         for chunk in stream:
+            watch.last_chunk = time.monotonic()
             # Thinking chunks carry empty content, so they are never written as answer text.
             if chunk.content:
                 pieces.append(chunk.content)
                 yield chunk.content.encode()
-            elif not chunk.done and time.monotonic() >= next_check:
-                if client_gone():
-                    logger.info("client went away while the model was thinking")
-                    return
-                next_check = time.monotonic() + CLIENT_CHECK_SECONDS
             if chunk.done:
                 done_reason = chunk.done_reason
         if done_reason == "length":
             yield TRUNCATED_LINE
     except ProviderError as exc:
-        if cancelled():
+        reason = watch.abort.reason if watch.abort.requested else ""
+        if reason == "client_gone":
+            logger.info("client went away between tokens")
+            return
+        if reason in _STOPPED_LINES:
             # The answer so far was seen; it is remembered as partial, as on a disconnect.
-            yield b"\n[error] the turn was cancelled\n"
+            yield _STOPPED_LINES[reason]
+            if reason == "timeout":
+                failed = True
             return
         failed = True
         logger.warning("stream to the client ended by %s", type(exc).__name__)
@@ -237,39 +258,16 @@ def relay_text(
             record("".join(pieces), True, "")
 
 
-@contextmanager
-def _watching(client_gone: Callable[[], bool] | None, abort: Abort) -> Iterator[None]:
-    """While the block waits for Ollama, check the client every ``CLIENT_CHECK_SECONDS``
-    from a helper thread (a greenlet under gevent), and stop the call if it left."""
-    if client_gone is None:
-        yield
-        return
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(CLIENT_CHECK_SECONDS):
-            if client_gone():
-                logger.info("client went away before the first token")
-                abort.request()
-                return
-
-    watcher = threading.Thread(target=watch, name="client-watch", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-
-
 def _event_format(streaming: bool, default_sse: bool) -> EventFormat | None:
     """Pick the event format the client asked for with Accept; None means plain text."""
     if not streaming:
         return None
-    accepted = request.accept_mimetypes
-    wants_ndjson = any(v == "application/x-ndjson" and q > 0 for v, q in accepted)
-    wants_sse = any(v == "text/event-stream" and q > 0 for v, q in accepted)
+    # Media types compare without case and without parameters ("; charset=utf-8").
+    quality = {value.split(";")[0].strip().lower(): q for value, q in request.accept_mimetypes}
+    wants_ndjson = quality.get("application/x-ndjson", 0) > 0
+    wants_sse = quality.get("text/event-stream", 0) > 0
     if wants_ndjson and wants_sse:
-        return SSE if accepted["text/event-stream"] >= accepted["application/x-ndjson"] else NDJSON
+        return SSE if quality["text/event-stream"] >= quality["application/x-ndjson"] else NDJSON
     if wants_ndjson:
         return NDJSON
     if wants_sse or default_sse:

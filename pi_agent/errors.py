@@ -74,6 +74,14 @@ class TurnCancelled(PiAgentError):
     description = "the turn was cancelled"
 
 
+class ServerShuttingDown(PiAgentError):
+    """The server is shutting down and ended the turn; send it again in a moment."""
+
+    code = 503
+    error_code = "server_shutting_down"
+    description = "the server is shutting down; send the turn again in a moment"
+
+
 class ConversationBusy(PiAgentError):
     """The conversation has a turn queued or running; retry once that one has ended."""
 

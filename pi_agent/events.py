@@ -59,14 +59,14 @@ class Cancel:
             self._abort = abort
             run = self.requested
         if run:
-            abort.request()
+            abort.request("cancelled")
 
     def request(self) -> None:
         with self._lock:
             self.requested = True
             abort = self._abort
         if abort is not None:
-            abort.request()
+            abort.request("cancelled")
 
 
 class RunningTurns:

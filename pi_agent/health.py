@@ -42,9 +42,12 @@ class ReadinessCheck:
     def check(self) -> str:
         """Return "" when ready, otherwise the reason, in words a person can act on."""
         with self._lock:
-            now = self._clock()
-            if self._answer is None or now - self._answer[0] >= self.ttl:
-                self._answer = (now, self._probe())
+            if self._answer is None or self._clock() - self._answer[0] >= self.ttl:
+                reason = self._probe()
+                # Stamped when the answer came: a probe that hung for its whole timeout
+                # must not leave an answer that is stale already, or every request that
+                # waited on the lock meanwhile would probe again.
+                self._answer = (self._clock(), reason)
             return self._answer[1]
 
     def _probe(self) -> str:

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from .lifecycle import Shutdown
+from .providers.base import Abort
+
+# How often a turn that writes nothing for a while is checked on.
+CHECK_SECONDS = 0.5
 
 
 class StreamBody:
@@ -59,3 +67,48 @@ def client_probe(environ: dict[str, Any]) -> Callable[[], bool] | None:
             return True
 
     return client_gone
+
+
+class TurnWatch:
+    """Watch a plain-text or non-stream turn from a helper thread (a greenlet under gevent)
+    and stop its upstream call, with ``abort``, when its client leaves, when the server's
+    shutdown deadline comes, or when Ollama is silent for ``idle`` seconds or the turn
+    passes ``total``. Such a turn writes nothing between tokens (or at all, before its
+    reply), so nothing else would notice; the reason is left in ``abort.reason``.
+    """
+
+    def __init__(self, abort: Abort, client_gone: Callable[[], bool] | None,
+                 shutdown: Shutdown, idle: float, total: float) -> None:
+        self.abort = abort
+        self._client_gone = client_gone
+        self._shutdown = shutdown
+        self._idle = idle
+        self._end = time.monotonic() + total
+        # Set by the relay at each chunk; before the first one the socket timeout (the
+        # first-token timeout) bounds the wait instead.
+        self.last_chunk: float | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="turn-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(CHECK_SECONDS):
+            reason = self._reason_to_stop(time.monotonic())
+            if reason:
+                self.abort.request(reason)
+                return
+
+    def _reason_to_stop(self, now: float) -> str:
+        if self._client_gone is not None and self._client_gone():
+            return "client_gone"
+        if self._shutdown.due():
+            return "shutting_down"
+        idle = self.last_chunk is not None and now - self.last_chunk >= self._idle
+        if idle or now >= self._end:
+            return "timeout"
+        return ""

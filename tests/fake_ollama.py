@@ -278,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
                     head = b""
                     self.fake.tokens_sent = sent + 1
                 last = sent == len(lines) - 1
-                if script.token_delay and not last and not self.fake.wait(script.token_delay):
+                if script.token_delay and not last and not self._wait_watching(script.token_delay):
                     return
             self._write(head + b"0\r\n\r\n")
             self.close_connection = False
@@ -290,8 +290,10 @@ class _Handler(BaseHTTPRequestHandler):
         """Hold back the first token like a loading model, but notice a client that leaves
         meanwhile (as Ollama does); return False if it left or the fake is stopping."""
         deadline = time.monotonic() + seconds
+        poller = select.poll()  # not select(): descriptors may be past 1024
+        poller.register(self.connection, select.POLLIN)
         while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([self.connection], [], [], min(left, 0.02))
+            readable = poller.poll(min(left, 0.02) * 1000)
             if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
                 self.fake.note_client_closed()
                 return False

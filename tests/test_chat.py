@@ -353,7 +353,7 @@ def test_upstream_failure_before_first_byte(
     make_app: Callable[..., Flask], fake_ollama: FakeOllama,
     script: Script, status: int, code: str, stream: bool,
 ) -> None:
-    app = make_app(READ_TIMEOUT=0.3)
+    app = make_app(READ_TIMEOUT=0.3, TOTAL_TIMEOUT=0.3)
     fake_ollama.script = script
     response = post_chat(app.test_client(), stream=stream, conversation_id="c9")
     assert response.status_code == status
@@ -445,3 +445,34 @@ def test_failed_turn_leaves_memory_order_alone(
     memory = state(app).memory
     assert memory is not None
     assert list(memory._conversations) == ["old", "new"]
+
+
+@pytest.mark.parametrize(
+    "settings, script",
+    [
+        ({"IDLE_TIMEOUT": 0.3}, Script(tokens=["a ", "b"], token_delay=3)),
+        ({"TOTAL_TIMEOUT": 0.8}, Script(tokens=[f"t{i} " for i in range(40)], token_delay=0.1)),
+    ],
+    ids=["idle", "total"],
+)
+def test_plain_text_idle_and_total_timeouts(
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama,
+    settings: dict[str, float], script: Script,
+) -> None:
+    fake_ollama.script = script
+    response = post_chat(make_app(**settings).test_client(), stream=True)
+    text = response.get_data(as_text=True)
+    assert text.startswith("a " if "IDLE_TIMEOUT" in settings else "t0 ")
+    assert text.endswith("\n[error] the model server did not answer in time\n")
+
+
+def test_non_stream_waits_up_to_the_total_timeout(
+    make_app: Callable[..., Flask], fake_ollama: FakeOllama
+) -> None:
+    # A whole reply may take longer than the first-token timeout: it comes only when done.
+    fake_ollama.script = Script(tokens=["slow"], first_token_delay=1)
+    app = make_app(FIRST_TOKEN_TIMEOUT=0.3, TOTAL_TIMEOUT=5)
+    assert post_chat(app.test_client()).get_json()["reply"] == "slow"
+    fake_ollama.script = Script(tokens=["slow"], first_token_delay=3)
+    response = post_chat(make_app(FIRST_TOKEN_TIMEOUT=0.3, TOTAL_TIMEOUT=1).test_client())
+    assert response.status_code == 504

@@ -86,6 +86,9 @@ def test_sse_sequence_and_headers(app: Flask, client: FlaskClient, fake_ollama: 
         ("/chat/stream", False, "*/*", "sse"),
         ("/chat", True, "*/*", "text"),
         ("/chat", True, "application/x-ndjson;q=0.5, text/event-stream", "sse"),
+        ("/chat", True, "text/event-stream; charset=utf-8", "sse"),
+        ("/chat", True, "TEXT/EVENT-STREAM", "sse"),
+        ("/chat", True, "application/x-ndjson; charset=utf-8", "ndjson"),
     ],
 )
 def test_accept_picks_the_format(
@@ -374,3 +377,110 @@ def test_event_sequences_through_gunicorn(
     # Heartbeats come every second while the fake holds its first token back 2.5 s.
     collapsed = [name for i, name in enumerate(seen) if name != "ping" or seen[i - 1] != "ping"]
     assert collapsed == expected
+
+
+def test_plain_text_client_leaving_between_tokens(server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(tokens=["a ", "b ", "c "], token_delay=5)
+    request = RawStream(server, "/chat", stream=True)
+    request.read_until(b"a ")
+    closed = request.close()
+    # Nothing is written while Ollama is silent between tokens; the turn's watcher notices.
+    assert upstream_closed_within(fake, closed, HEARTBEAT)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["plain-text", "non-stream"])
+def test_cancel_a_queued_turn(server: Gunicorn, fake: FakeOllama, stream: bool) -> None:
+    fake.scripts["holder"] = Script(tokens=[f"t{i} " for i in range(40)], token_delay=0.05)
+    holder = RawStream(server, message="holder")
+    try:
+        holder.read_until(b"event: token")
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(requests.post, server.url + "/chat", timeout=15,
+                                 json={"message": "queued", "stream": stream,
+                                       "conversation_id": "q-cancel"})
+            time.sleep(0.3)
+            asked = time.monotonic()
+            assert requests.post(server.url + "/chat/q-cancel/cancel",
+                                 timeout=10).status_code == 200
+            response = queued.result()
+            answered = time.monotonic()
+        assert response.status_code == 409
+        assert response.json()["error"]["code"] == "cancelled"
+        assert answered - asked < HEARTBEAT  # not only once the holder is done
+        assert b"event: done" not in holder.received
+    finally:
+        holder.close()
+    assert "queued" not in [r["messages"][-1]["content"] for r in fake.chat_requests()]
+
+
+def test_sigterm_ends_a_plain_text_stream_with_a_line(
+    upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upstream.script = Script(tokens=[f"t{i} " for i in range(400)], token_delay=0.05)
+    server = Gunicorn(tmp_path_factory.mktemp("shutdown-text") / "server.log",
+                      "--graceful-timeout", "3", OLLAMA_URL=upstream.url)
+    try:
+        request = RawStream(server, "/chat", stream=True)
+        try:
+            request.read_until(b"t1 ")
+            server.process.terminate()
+            text = request.read_until(b"[error]").decode()
+        finally:
+            request.close()
+        assert "[error] the server is shutting down" in text
+        assert server.process.wait(timeout=15) == 0
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def quick_timeouts(
+    upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gunicorn]:
+    server = Gunicorn(tmp_path_factory.mktemp("timeouts") / "server.log",
+                      OLLAMA_URL=upstream.url, FIRST_TOKEN_TIMEOUT="0.8", IDLE_TIMEOUT="0.8",
+                      TOTAL_TIMEOUT="2", HEARTBEAT_SECONDS="0.5", READY_CACHE_SECONDS="0")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        Script(tokens=["late"], first_token_delay=5),
+        Script(tokens=["a", "b"], token_delay=5),
+        Script(tokens=[f"t{i}" for i in range(100)], token_delay=0.1),
+    ],
+    ids=["first-token", "idle", "total"],
+)
+@pytest.mark.parametrize("mode", ["sse", "text"])
+def test_each_timeout_through_gunicorn(
+    quick_timeouts: Gunicorn, fake: FakeOllama, script: Script, mode: str
+) -> None:
+    fake.script = script
+    response = requests.post(quick_timeouts.url + ("/chat/stream" if mode == "sse" else "/chat"),
+                             json={"message": "x", "stream": True}, timeout=30)
+    if mode == "sse":
+        events = parse_sse(response.text)
+        assert events[-1] == ("error", {"code": "upstream_timeout",
+                                        "message": "the model server did not answer in time"})
+    elif script.first_token_delay:
+        assert response.status_code == 504  # before the first byte: a status
+        assert response.json()["error"]["code"] == "upstream_timeout"
+    else:
+        assert response.text.endswith("\n[error] the model server did not answer in time\n")
+
+
+def test_ready_in_each_state_through_gunicorn(quick_timeouts: Gunicorn, fake: FakeOllama) -> None:
+    ready = requests.get(quick_timeouts.url + "/ready", timeout=10)
+    assert (ready.status_code, ready.json()["status"]) == (200, "ready")
+    fake.models.discard("llama3.2:1b")
+    try:
+        missing = requests.get(quick_timeouts.url + "/ready", timeout=10)
+    finally:
+        fake.models.add("llama3.2:1b")
+    assert missing.status_code == 503
+    assert missing.json()["reason"] == (
+        "model llama3.2:1b is not pulled: run `ollama pull llama3.2:1b`")

@@ -110,3 +110,30 @@ def test_ready_asks_again_once_the_cache_is_old(
     fake_ollama.models.discard("llama3.2:1b")
     assert client.get("/ready").status_code == 503
     assert tags_requests(fake_ollama) == 2
+
+
+class HangingProvider:
+    """A provider whose /api/tags takes ``seconds`` of the fake clock, counting its calls."""
+
+    def __init__(self, clock: list[float], seconds: float) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.calls = 0
+
+    def list_models(self) -> list[str]:
+        self.calls += 1
+        self.clock[0] += self.seconds
+        return ["llama3.2:1b"]
+
+
+def test_a_slow_probe_still_caches_its_answer() -> None:
+    from pi_agent.health import ReadinessCheck
+
+    clock = [100.0]
+    provider = HangingProvider(clock, seconds=10)  # longer than the cache lifetime
+    check = ReadinessCheck(provider, "llama3.2:1b", "http://x", ttl=5,  # type: ignore[arg-type]
+                           clock=lambda: clock[0])
+    assert check.check() == "" and check.check() == ""
+    assert provider.calls == 1
+    clock[0] += 5
+    assert check.check() == "" and provider.calls == 2

@@ -44,6 +44,7 @@ class Abort:
         self._lock = threading.Lock()
         self._handler: Callable[[], None] | None = None
         self.requested = False
+        self.reason = ""  # why, as the first request said: "cancelled", "client_gone", ...
 
     def set_handler(self, handler: Callable[[], None] | None) -> None:
         with self._lock:
@@ -52,8 +53,10 @@ class Abort:
         if run is not None:
             run()
 
-    def request(self) -> None:
+    def request(self, reason: str = "stopped") -> None:
         with self._lock:
+            if not self.requested:
+                self.reason = reason
             self.requested = True
             handler = self._handler
         if handler is not None:

@@ -100,9 +100,12 @@ class OllamaProvider:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_FIRST_TOKEN_TIMEOUT,
         session: requests.Session | None = None,
+        whole_reply_timeout: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
+        # A non-stream reply comes only once it is whole, so its one wait is longer.
+        self.whole_reply_timeout = (connect_timeout, whole_reply_timeout or read_timeout)
         if session is None:
             session = requests.Session()
             # Ollama is a local server: proxy variables meant for the internet must not
@@ -126,7 +129,8 @@ class OllamaProvider:
         # The socket timeout covers the wait for the first token (Ollama sends nothing
         # before it) and each wait between tokens; event streams also keep their own
         # first-token, idle and total deadlines.
-        return cls(settings.ollama_url, settings.connect_timeout, settings.first_token_timeout)
+        return cls(settings.ollama_url, settings.connect_timeout, settings.first_token_timeout,
+                   whole_reply_timeout=max(settings.first_token_timeout, settings.total_timeout))
 
     def chat(self, call: ChatCall, abort: Abort | None = None) -> ChatChunk:
         """Ask for a whole reply at once; ``abort`` works as for ``stream_chat``.
@@ -201,7 +205,8 @@ class OllamaProvider:
         request.prepare_body(json.dumps(payload).encode(), None)
         started = time.perf_counter()
         try:
-            response = self._adapter.send(request, stream=stream, timeout=self.timeout)
+            timeout = self.timeout if stream else self.whole_reply_timeout
+            response = self._adapter.send(request, stream=stream, timeout=timeout)
         except requests.RequestException as exc:
             raise _translate(exc) from exc
         logger.info(
