@@ -31,6 +31,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .errors import register_error_handlers
     from .events import RunningTurns
     from .lifecycle import Shutdown
+    from .streaming import Watchdog
     from .memory import MemoryStore
     from .providers import PROVIDERS
     from .state import EXTENSION_KEY, AppState
@@ -63,6 +64,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         admission=Admission(settings.max_concurrent, settings.max_queue),
         running=RunningTurns(),
         shutdown=Shutdown(),
+        watchdog=Watchdog(),
     )
 
     register_error_handlers(app)

@@ -142,8 +142,8 @@ def _answer(events_only: bool) -> Response:
                 raise ClientGone()
         history = state.memory.get_history(conversation_id) if state.memory is not None else []
         call = build_call(agent, settings, history, body.message)
-        watch = TurnWatch(abort, probe, state.shutdown, settings.idle_timeout,
-                          settings.total_timeout)
+        watch = TurnWatch(state.watchdog, abort, probe, state.shutdown,
+                          settings.idle_timeout, settings.total_timeout)
         watch.start()
         try:
             if body.stream:

@@ -10,6 +10,7 @@ from flask import current_app
 from .admission import Admission
 from .config import Settings
 from .lifecycle import Shutdown
+from .streaming import Watchdog
 from .memory import MemoryStore
 from .providers.base import Provider
 
@@ -34,6 +35,7 @@ class AppState:
     admission: Admission
     running: RunningTurns
     shutdown: Shutdown
+    watchdog: Watchdog
 
 
 def current_state() -> AppState:

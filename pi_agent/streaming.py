@@ -70,15 +70,16 @@ def client_probe(environ: dict[str, Any]) -> Callable[[], bool] | None:
 
 
 class TurnWatch:
-    """Watch a plain-text or non-stream turn from a helper thread (a greenlet under gevent)
-    and stop its upstream call, with ``abort``, when its client leaves, when the server's
-    shutdown deadline comes, or when Ollama is silent for ``idle`` seconds or the turn
-    passes ``total``. Such a turn writes nothing between tokens (or at all, before its
-    reply), so nothing else would notice; the reason is left in ``abort.reason``.
+    """What the watchdog checks about one plain-text or non-stream turn: stop its upstream
+    call, with ``abort``, when its client leaves, when the server's shutdown deadline comes,
+    or when Ollama is silent for ``idle`` seconds or the turn passes ``total``. Such a turn
+    writes nothing between tokens (or at all, before its reply), so nothing else would
+    notice; the reason is left in ``abort.reason``.
     """
 
-    def __init__(self, abort: Abort, client_gone: Callable[[], bool] | None,
+    def __init__(self, watchdog: Watchdog, abort: Abort, client_gone: Callable[[], bool] | None,
                  shutdown: Shutdown, idle: float, total: float) -> None:
+        self._watchdog = watchdog
         self.abort = abort
         self._client_gone = client_gone
         self._shutdown = shutdown
@@ -87,23 +88,14 @@ class TurnWatch:
         # Set by the relay at each chunk; before the first one the socket timeout (the
         # first-token timeout) bounds the wait instead.
         self.last_chunk: float | None = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="turn-watch", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        self._watchdog.add(self)
 
     def stop(self) -> None:
-        self._done.set()
+        self._watchdog.remove(self)
 
-    def _watch(self) -> None:
-        while not self._done.wait(CHECK_SECONDS):
-            reason = self._reason_to_stop(time.monotonic())
-            if reason:
-                self.abort.request(reason)
-                return
-
-    def _reason_to_stop(self, now: float) -> str:
+    def reason_to_stop(self, now: float) -> str:
         if self._client_gone is not None and self._client_gone():
             return "client_gone"
         if self._shutdown.due():
@@ -112,3 +104,41 @@ class TurnWatch:
         if idle or now >= self._end:
             return "timeout"
         return ""
+
+
+class Watchdog:
+    """One helper thread (a greenlet under gevent) that checks every watched turn each
+    ``CHECK_SECONDS``: one wake-up for all of them, not one per turn. It runs while there
+    are turns to watch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turns: set[TurnWatch] = set()
+        self._running = False
+
+    def add(self, turn: TurnWatch) -> None:
+        with self._lock:
+            self._turns.add(turn)
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._run, name="watchdog", daemon=True).start()
+
+    def remove(self, turn: TurnWatch) -> None:
+        with self._lock:
+            self._turns.discard(turn)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(CHECK_SECONDS)
+            with self._lock:
+                if not self._turns:
+                    self._running = False
+                    return
+                turns = list(self._turns)
+            now = time.monotonic()
+            for turn in turns:
+                reason = turn.reason_to_stop(now)
+                if reason:
+                    self.remove(turn)
+                    turn.abort.request(reason)
