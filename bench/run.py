@@ -82,7 +82,7 @@ class Process:
         self.name = name
         self.log = log
         self.started = time.perf_counter()
-        with open(log, "wb") as out:
+        with open(log, "ab") as out:  # a gateway is restarted per scenario
             self.popen = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                 preexec_fn=lambda: _pin(cpu),

@@ -2,7 +2,8 @@
 that the client is still there."""
 from __future__ import annotations
 
-import select
+import logging
+import os
 import socket
 import threading
 import time
@@ -11,6 +12,8 @@ from typing import Any
 
 from .lifecycle import Shutdown
 from .providers.base import Abort
+
+logger = logging.getLogger(__name__)
 
 # How often a turn that writes nothing for a while is checked on.
 CHECK_SECONDS = 0.5
@@ -52,19 +55,23 @@ def client_probe(environ: dict[str, Any]) -> Callable[[], bool] | None:
         return None
 
     def client_gone() -> bool:
-        # poll, not select: a busy server has sockets numbered past select's 1024.
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
+        # Peek through a duplicate of the socket, without ever waiting: the WSGI server's
+        # greenlet may be reading the same socket (the next request on a kept-alive
+        # connection), and gevent lets only one greenlet wait on a socket object.
         try:
-            events = poller.poll(0)
-            if not events:
-                return False
-            if events[0][1] & (select.POLLHUP | select.POLLERR):
-                return True
+            probe = socket.socket(fileno=os.dup(sock.fileno()))
+        except (OSError, ValueError):
+            return True  # closed already (ValueError: no descriptor): the request is over
+        try:
+            probe.settimeout(0.0)
             # Readable with nothing to read is the end of the connection.
-            return bool(sock.recv(1, socket.MSG_PEEK) == b"")
+            return bool(probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
+        except BlockingIOError:
+            return False  # nothing to read: the client is still there
         except OSError:
             return True
+        finally:
+            probe.close()
 
     return client_gone
 
@@ -138,7 +145,14 @@ class Watchdog:
                 turns = list(self._turns)
             now = time.monotonic()
             for turn in turns:
-                reason = turn.reason_to_stop(now)
-                if reason:
-                    self.remove(turn)
+                try:
+                    reason = turn.reason_to_stop(now)
+                    with self._lock:
+                        # A turn that ended while this round ran is left alone.
+                        if not reason or turn not in self._turns:
+                            continue
+                        self._turns.discard(turn)
                     turn.abort.request(reason)
+                except Exception:
+                    # One turn's failure must not end the watch over all the others.
+                    logger.exception("watchdog: checking a turn failed")
