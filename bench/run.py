@@ -82,7 +82,9 @@ class Process:
         self.name = name
         self.log = log
         self.started = time.perf_counter()
-        with open(log, "ab") as out:  # a gateway is restarted per scenario
+        # A gateway is restarted per scenario: its log grows, and only the new part counts.
+        self.log_start = log.stat().st_size if log.exists() else 0
+        with open(log, "ab") as out:
             self.popen = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                 preexec_fn=lambda: _pin(cpu),
@@ -94,13 +96,13 @@ class Process:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()}")
-            found = re.search(pattern, self.log.read_text())
+                raise RuntimeError(f"{self.name} exited:\n{self.log_text()}")
+            found = re.search(pattern, self.log_text())
             if found:
                 self.port = int(found.group(1))
                 return self.port
             time.sleep(0.005)
-        raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()}")
+        raise RuntimeError(f"{self.name} did not start:\n{self.log_text()}")
 
     def wait_health(self) -> None:
         """Wait for a 200 on /health; record the time from start to it."""
@@ -113,7 +115,12 @@ class Process:
             except OSError:
                 pass
             time.sleep(0.005)
-        raise RuntimeError(f"{self.name} /health never answered:\n{self.log.read_text()}")
+        raise RuntimeError(f"{self.name} /health never answered:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
 
     def pids(self) -> list[int]:
         return procstat.tree_pids(self.popen.pid)
