@@ -227,10 +227,11 @@ def relay_text(
     failed = False
     try:
         for chunk in stream:
-            watch.last_chunk = time.monotonic()
+            watch.last_chunk = now = time.monotonic()
             # Thinking chunks carry empty content, so they are never written as answer text.
             if chunk.content:
                 pieces.append(chunk.content)
+                watch.last_write = now
                 yield chunk.content.encode()
             if chunk.done:
                 done_reason = chunk.done_reason

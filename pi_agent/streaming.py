@@ -95,6 +95,9 @@ class TurnWatch:
         # Set by the relay at each chunk; before the first one the socket timeout (the
         # first-token timeout) bounds the wait instead.
         self.last_chunk: float | None = None
+        # Set by the relay when it wrote to the client: a write that fails notices a client
+        # that left, so the socket needs no look while writes are frequent.
+        self.last_write = 0.0
 
     def start(self) -> None:
         self._watchdog.add(self)
@@ -103,7 +106,8 @@ class TurnWatch:
         self._watchdog.remove(self)
 
     def reason_to_stop(self, now: float) -> str:
-        if self._client_gone is not None and self._client_gone():
+        writing = now - self.last_write < CHECK_SECONDS / 2
+        if not writing and self._client_gone is not None and self._client_gone():
             return "client_gone"
         if self._shutdown.due():
             return "shutting_down"
