@@ -92,6 +92,17 @@ class Process:
         self.port = 0
         self.startup_seconds = 0.0
 
+    def ready(self, pattern: str, health: bool) -> Process:
+        """Wait until the server listens (and answers /health); stop it if it never does."""
+        try:
+            self.wait_port(pattern)
+            if health:
+                self.wait_health()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def wait_port(self, pattern: str) -> int:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
@@ -150,8 +161,7 @@ def http_call(port: int, method: str, path: str, body: bytes | None = None) -> t
 def start_fake(out: Path) -> Process:
     fake = Process("fake ollama", [sys.executable, "-m", "bench.fake_ollama", "--port", "0"],
                    ROOT, dict(os.environ), out / "fake.log", cpu=1)
-    fake.wait_port(r"listening on (\d+)")
-    return fake
+    return fake.ready(r"listening on (\d+)", health=False)
 
 
 def start_gateway(name: str, root: Path, fake_port: int, out: Path) -> Process:
@@ -164,9 +174,7 @@ def start_gateway(name: str, root: Path, fake_port: int, out: Path) -> Process:
     log = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
     gateway = Process(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                              "wsgi:app"], root, env, log, cpu=0)
-    gateway.wait_port(r"Listening at: http://127\.0\.0\.1:(\d+)")
-    gateway.wait_health()
-    return gateway
+    return gateway.ready(r"Listening at: http://127\.0\.0\.1:(\d+)", health=True)
 
 
 def start_naive(fake_port: int, out: Path) -> Process:
@@ -174,9 +182,7 @@ def start_naive(fake_port: int, out: Path) -> Process:
     naive = Process("naive", [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
                               "-b", "127.0.0.1:0", "naive_proxy:app"],
                     NAIVE_DIR, env, out / "naive.log", cpu=0)
-    naive.wait_port(r"Listening at: http://127\.0\.0\.1:(\d+)")
-    naive.wait_health()
-    return naive
+    return naive.ready(r"Listening at: http://127\.0\.0\.1:(\d+)", health=True)
 
 
 # --- measuring ----------------------------------------------------------------------
