@@ -243,10 +243,10 @@ def relay_text(
             logger.info("client went away between tokens")
             return
         if reason in _STOPPED_LINES:
-            # The answer so far was seen; it is remembered as partial, as on a disconnect.
             yield _STOPPED_LINES[reason]
-            if reason == "timeout":
-                failed = True
+            # Cancelled or cut by a shutdown, the answer so far was seen and is remembered
+            # as partial, as on a disconnect; a timeout is a failed turn.
+            failed = reason == "timeout"
             return
         failed = True
         logger.warning("stream to the client ended by %s", type(exc).__name__)
