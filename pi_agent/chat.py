@@ -112,17 +112,24 @@ def _answer(events_only: bool) -> Response:
             history = state.memory.get_history(conversation_id) if state.memory else []
             return build_call(agent, settings, history, body.message)
 
+        # Registered now, not when the body starts: a cancel may come before that.
+        cancel = state.running.add(conversation_id)
         stream = EventStream(
             fmt=fmt, conversation_id=conversation_id, agent=agent.name,
             model=agent.resolve_model(settings), provider=state.provider,
-            admission=admission, ticket=ticket, running=state.running,
+            admission=admission, ticket=ticket, cancel=cancel,
             make_call=make_call, record=record, client_gone=client_gone,
             shutdown=state.shutdown,
             timeouts=Timeouts(settings.heartbeat_seconds, settings.first_token_timeout,
                               settings.idle_timeout, settings.total_timeout),
         )
+
+        def give_back() -> None:
+            admission.leave(ticket)
+            state.running.remove(conversation_id, cancel)
+
         return Response(
-            StreamBody(stream.relay(), cleanup=lambda: admission.leave(ticket)),
+            StreamBody(stream.relay(), cleanup=give_back),
             content_type=fmt.content_type,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             direct_passthrough=True,
@@ -134,12 +141,15 @@ def _answer(events_only: bool) -> Response:
     abort = Abort()
     turn.attach(abort)
     streaming = False
+    watch: TurnWatch | None = None
     try:
         while not admission.wait(ticket, CLIENT_CHECK_SECONDS):
             if abort.requested:
                 raise TurnCancelled()
             if client_gone():
                 raise ClientGone()
+        if state.shutdown.begun:
+            raise ServerShuttingDown()  # a turn that waited must not start now
         history = state.memory.get_history(conversation_id) if state.memory is not None else []
         call = build_call(agent, settings, history, body.message)
         watch = TurnWatch(state.watchdog, abort, probe, state.shutdown,
@@ -151,18 +161,17 @@ def _answer(events_only: bool) -> Response:
             else:
                 result = state.provider.chat(call, abort)
         except ProviderError:
-            watch.stop()
             if abort.requested:
                 raise _STOPPED.get(abort.reason, TurnCancelled)() from None
             raise
-        if not body.stream:
-            watch.stop()
-        else:
+        if body.stream:
             streaming = True
+            text_watch = watch
 
             def finish() -> None:
-                watch.stop()
+                text_watch.stop()
                 text_stream.close()
+                abort.set_handler(None)  # the connection may go back to the pool
                 admission.leave(ticket)
                 state.running.remove(conversation_id, turn)
 
@@ -177,6 +186,9 @@ def _answer(events_only: bool) -> Response:
     finally:
         # A stream gives its slot back when its body is closed, after the upstream is.
         if not streaming:
+            if watch is not None:
+                watch.stop()
+            abort.set_handler(None)
             admission.leave(ticket)
             state.running.remove(conversation_id, turn)
     record(result.content, False, result.done_reason)
@@ -232,7 +244,10 @@ def relay_text(
             if chunk.content:
                 pieces.append(chunk.content)
                 watch.last_write = now
+                # A client that reads slowly holds the write up; that is not Ollama idling.
+                watch.writing = True
                 yield chunk.content.encode()
+                watch.writing = False
             if chunk.done:
                 done_reason = chunk.done_reason
         if done_reason == "length":
@@ -252,11 +267,13 @@ def relay_text(
         logger.warning("stream to the client ended by %s", type(exc).__name__)
         yield f"\n[error] {exc.description}\n".encode()
     finally:
-        finish()
+        # Remembered before the slot is given back, so that the conversation's next turn
+        # finds this one in its history.
         if done_reason:
             record("".join(pieces), False, done_reason)
         elif not failed:
             record("".join(pieces), True, "")
+        finish()
 
 
 def _event_format(streaming: bool, default_sse: bool) -> EventFormat | None:

@@ -116,7 +116,7 @@ class EventStream:
     provider: Provider
     admission: Admission
     ticket: Ticket
-    running: RunningTurns
+    cancel: Cancel  # registered in RunningTurns by the view
     make_call: Callable[[], ChatCall]  # reads the history once the turn holds a slot
     record: Callable[[str, bool, str], None]
     timeouts: Timeouts
@@ -130,7 +130,7 @@ class EventStream:
         fmt, timeouts = self.fmt, self.timeouts
         poll = min(POLL_SECONDS, timeouts.heartbeat / 2)
         started = time.monotonic()
-        cancel = self.running.add(self.conversation_id)
+        cancel = self.cancel
         generation: Generation | None = None
         pieces: list[str] = []
         outcome = "disconnected"
@@ -149,7 +149,8 @@ class EventStream:
                         break
                     if self.client_gone():
                         return
-                    if self.shutdown.due():
+                    if self.shutdown.begun:
+                        # A turn that has not started will not get to run before the end.
                         yield _shutting_down(fmt)
                         return
                     if time.monotonic() - last_write >= timeouts.heartbeat:
@@ -158,6 +159,9 @@ class EventStream:
             if cancel.requested:
                 outcome = "cancelled"
                 yield _error(fmt, "cancelled", "the turn was cancelled")
+                return
+            if self.shutdown.begun:
+                yield _shutting_down(fmt)
                 return
             queue_ms = _ms(time.monotonic() - started)
 
@@ -168,12 +172,18 @@ class EventStream:
             deadline = began + timeouts.first_token
             end = began + timeouts.total
             first_token_ms: int | None = None
+            last_look = began  # the client socket's last look, when nothing was written
             while True:
                 now = time.monotonic()
                 wait = min(last_write + timeouts.heartbeat, deadline, end, now + poll)
                 item = generation.next(wait - now)
-                if item is None and self.client_gone():
-                    return
+                now = time.monotonic()
+                # Thinking chunks write nothing either: look at the client at every poll
+                # while the stream is silent, whatever arrives from upstream.
+                if now - max(last_write, last_look) >= poll:
+                    last_look = now
+                    if self.client_gone():
+                        return
                 if self.shutdown.due():
                     logger.warning("stream cut short: the server is shutting down")
                     yield _shutting_down(fmt)
@@ -225,10 +235,9 @@ class EventStream:
             # Close the upstream first, then give the slot back.
             if generation is not None:
                 generation.stop(graceful=outcome == "done")
-            self.admission.leave(self.ticket)
-            self.running.remove(self.conversation_id, cancel)
             if outcome in ("disconnected", "cancelled"):
                 self.record("".join(pieces), True, "")
+            self.admission.leave(self.ticket)
 
 
 def _shutting_down(fmt: EventFormat) -> bytes:

@@ -23,6 +23,10 @@ class Shutdown:
         if self.deadline is None:
             self.deadline = time.monotonic() + max(0.0, grace_seconds - MARGIN_SECONDS)
 
+    @property
+    def begun(self) -> bool:
+        return self.deadline is not None
+
     def due(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 

@@ -63,7 +63,11 @@ def client_probe(environ: dict[str, Any]) -> Callable[[], bool] | None:
         except (OSError, ValueError):
             return True  # closed already (ValueError: no descriptor): the request is over
         try:
-            probe.settimeout(0.0)
+            if not os.get_blocking(probe.fileno()):
+                # Under gevent (whose sockets are non-blocking underneath) this makes the peek
+                # fail at once instead of waiting; a blocking socket, shared with the server's
+                # own, is left as it is, and MSG_DONTWAIT alone keeps the peek from waiting.
+                probe.settimeout(0.0)
             # Readable with nothing to read is the end of the connection.
             return bool(probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
         except BlockingIOError:
@@ -98,6 +102,8 @@ class TurnWatch:
         # Set by the relay when it wrote to the client: a write that fails notices a client
         # that left, so the socket needs no look while writes are frequent.
         self.last_write = 0.0
+        # True while the relay waits for a write to the client to finish.
+        self.writing = False
 
     def start(self) -> None:
         self._watchdog.add(self)
@@ -111,7 +117,8 @@ class TurnWatch:
             return "client_gone"
         if self._shutdown.due():
             return "shutting_down"
-        idle = self.last_chunk is not None and now - self.last_chunk >= self._idle
+        idle = (self.last_chunk is not None and not self.writing
+                and now - self.last_chunk >= self._idle)
         if idle or now >= self._end:
             return "timeout"
         return ""

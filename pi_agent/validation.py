@@ -33,7 +33,7 @@ def parse_body(model: type[ModelT]) -> ModelT:
         raise InvalidRequest()
     raw = _read_body(current_app.config["MAX_CONTENT_LENGTH"])
     try:
-        data = json.loads(raw)
+        data = json.loads(raw.decode("utf-8"))  # JSON on the wire is UTF-8 (RFC 8259)
     except (ValueError, RecursionError):
         # ValueError covers bad JSON and bytes that are not UTF-8; RecursionError, deep nesting.
         raise InvalidRequest("the request body is not valid JSON") from None

@@ -251,8 +251,9 @@ def error_of(response: Any) -> dict[str, Any]:
         (b'{"message": "\xff\xfe"}', "application/json"),
         (b"[" * 100_000 + b"]" * 100_000, "application/json"),
         (b"", "application/json"),
+        ('{"message": "hi"}'.encode("utf-16"), "application/json"),
     ],
-    ids=["truncated", "form", "text-plain", "no-type", "bad-utf8", "deep", "empty"],
+    ids=["truncated", "form", "text-plain", "no-type", "bad-utf8", "deep", "empty", "utf-16"],
 )
 def test_body_that_is_not_json_is_400(
     app: Flask, client: FlaskClient, fake_ollama: FakeOllama, data: bytes, content_type: str | None
