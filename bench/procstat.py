@@ -33,16 +33,23 @@ def tree_pids(root: int) -> list[int]:
     return pids
 
 
+def _read(pid: int, name: str) -> bytes | None:
+    """Return /proc/<pid>/<name>, or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User plus system CPU seconds of ``pids``: each one's own, not its waited-for children."""
     total = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        stat = _read(pid, "stat")
+        if stat is not None:
+            fields = stat.rsplit(b")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / _TICKS
 
 
@@ -50,11 +57,9 @@ def rss_bytes(pids: list[int]) -> int:
     """Resident set size of ``pids`` added up."""
     total = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm", "rb") as f:
-                total += int(f.read().split()[1]) * _PAGE
-        except OSError:
-            continue
+        statm = _read(pid, "statm")
+        if statm is not None:
+            total += int(statm.split()[1]) * _PAGE
     return total
 
 
@@ -62,12 +67,9 @@ def pss_bytes(pids: list[int]) -> int:
     """Proportional set size of ``pids`` added up: shared pages counted once in all."""
     total = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            continue
+        rollup = _read(pid, "smaps_rollup")
+        for line in (rollup or b"").splitlines():
+            if line.startswith(b"Pss:"):
+                total += int(line.split()[1]) * 1024
+                break
     return total

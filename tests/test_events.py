@@ -298,26 +298,6 @@ def test_cancel_a_plain_text_stream(server: Gunicorn, fake: FakeOllama) -> None:
     assert rest.endswith(b"\n[error] the turn was cancelled\n")
 
 
-def test_sigterm_ends_running_streams_with_an_event(
-    upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    upstream.script = Script(tokens=[f"t{i} " for i in range(400)], token_delay=0.05)
-    server = Gunicorn(tmp_path_factory.mktemp("shutdown") / "server.log", "--graceful-timeout",
-                      "3", OLLAMA_URL=upstream.url, HEARTBEAT_SECONDS="0.5")
-    try:
-        stream = RawStream(server)
-        try:
-            stream.read_until(b'"t1 "')
-            server.process.terminate()
-            text = stream.read_until(b"event: error").decode()
-        finally:
-            stream.close()
-        assert '"code":"server_shutting_down"' in text and "event: done" not in text
-        assert server.process.wait(timeout=15) == 0
-    finally:
-        server.stop()
-
-
 @pytest.mark.parametrize("stream", [True, False], ids=["plain-text", "non-stream"])
 def test_disconnect_before_the_first_token_without_events(
     server: Gunicorn, fake: FakeOllama, stream: bool
@@ -413,21 +393,30 @@ def test_cancel_a_queued_turn(server: Gunicorn, fake: FakeOllama, stream: bool) 
     assert "queued" not in [r["messages"][-1]["content"] for r in fake.chat_requests()]
 
 
-def test_sigterm_ends_a_plain_text_stream_with_a_line(
-    upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory
+@pytest.mark.parametrize(
+    "path, body, started, ending",
+    [
+        ("/chat/stream", {}, b'"t1 "', '"code":"server_shutting_down"'),
+        ("/chat", {"stream": True}, b"t1 ", "[error] the server is shutting down"),
+    ],
+    ids=["events", "plain-text"],
+)
+def test_sigterm_ends_a_running_stream_with_a_last_word(
+    upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory,
+    path: str, body: dict[str, Any], started: bytes, ending: str,
 ) -> None:
     upstream.script = Script(tokens=[f"t{i} " for i in range(400)], token_delay=0.05)
-    server = Gunicorn(tmp_path_factory.mktemp("shutdown-text") / "server.log",
-                      "--graceful-timeout", "3", OLLAMA_URL=upstream.url)
+    server = Gunicorn(tmp_path_factory.mktemp("shutdown") / "server.log", "--graceful-timeout",
+                      "3", OLLAMA_URL=upstream.url, HEARTBEAT_SECONDS="0.5")
     try:
-        request = RawStream(server, "/chat", stream=True)
+        stream = RawStream(server, path, **body)
         try:
-            request.read_until(b"t1 ")
+            stream.read_until(started)
             server.process.terminate()
-            text = request.read_until(b"[error]").decode()
+            text = stream.read_until(ending.encode()).decode()
         finally:
-            request.close()
-        assert "[error] the server is shutting down" in text
+            stream.close()
+        assert ending in text and "event: done" not in text
         assert server.process.wait(timeout=15) == 0
     finally:
         server.stop()
