@@ -26,7 +26,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # gunicorn.conf.py imports pi_agent.config in the master, before gevent patches ssl.
     from flask import Flask
 
-    from . import agents, chat, health
+    from . import agents, chat, health, ollama_api, openai_api
     from .admission import Admission
     from .errors import register_error_handlers
     from .events import RunningTurns
@@ -71,6 +71,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(agents.bp)
     app.register_blueprint(chat.bp)
+    app.register_blueprint(openai_api.bp)
+    app.register_blueprint(ollama_api.bp)
     return app
 
 

@@ -32,14 +32,19 @@ class Agent:
     def resolve_options(self, settings: Settings) -> dict[str, Any]:
         """Return the Ollama options for a call: configuration, then the preset's own, with
         ``num_predict`` never above the configured cap."""
-        options: dict[str, Any] = {
-            "temperature": settings.temperature,
-            "num_ctx": settings.num_ctx,
-            "num_predict": settings.num_predict,
-        }
+        options = base_options(settings)
         options.update(self.options)
         options["num_predict"] = min(options["num_predict"], settings.num_predict)
         return options
+
+
+def base_options(settings: Settings) -> dict[str, Any]:
+    """The configured Ollama options, which every call starts from."""
+    return {
+        "temperature": settings.temperature,
+        "num_ctx": settings.num_ctx,
+        "num_predict": settings.num_predict,
+    }
 
 
 # num_ctx stays the configured one in every preset: a different value reloads the model,

@@ -5,26 +5,20 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
 from .agents import Agent, find_agent
 from .config import Settings
-from .errors import (
-    ClientGone,
-    PiAgentError,
-    ProviderError,
-    ProviderTimeout,
-    ServerShuttingDown,
-    TurnCancelled,
-    TurnNotRunning,
-)
+from .errors import ProviderError, TurnNotRunning
 from .events import NDJSON, SSE, EventFormat, EventStream, Timeouts
 from .memory import MemoryStore, Turn
-from .providers.base import Abort, ChatCall, ChatStream
+from .providers.base import ChatCall, ChatStream
 from .schemas import CONVERSATION_ID, Cancelled, ChatReply, ChatRequest, Usage
 from .state import current_state
 from .streaming import StreamBody, TurnWatch, client_probe, never
+from .turns import WatchedTurn
 from .validation import parse_body
 
 logger = logging.getLogger(__name__)
@@ -34,16 +28,7 @@ bp = Blueprint("chat", __name__)
 # A reply cut at num_predict must never pass for a complete one, also in plain text.
 TRUNCATED_LINE = b"\n[truncated] the reply reached the num_predict limit\n"
 
-# How often a request waiting for a generation slot checks for its client.
-CLIENT_CHECK_SECONDS = 0.5
-
-# Why a turn was stopped from outside (see TurnWatch), as the client is told.
-_STOPPED: dict[str, type[PiAgentError]] = {
-    "cancelled": TurnCancelled,
-    "client_gone": ClientGone,
-    "shutting_down": ServerShuttingDown,
-    "timeout": ProviderTimeout,
-}
+# Why a turn was stopped from outside (see TurnWatch), as a plain-text reply says it.
 _STOPPED_LINES = {
     "cancelled": b"\n[error] the turn was cancelled\n",
     "shutting_down": b"\n[error] the server is shutting down\n",
@@ -54,7 +39,7 @@ _STOPPED_LINES = {
 Recorder = Callable[[str, bool, str], None]
 
 
-@bp.after_request
+@bp.after_app_request
 def _add_conversation_header(response: Response) -> Response:
     conversation_id = g.get("conversation_id")
     if conversation_id:
@@ -103,11 +88,12 @@ def _answer(events_only: bool) -> Response:
     fmt = _event_format(events_only or body.stream, default_sse=events_only)
     probe = client_probe(request.environ)
     client_gone = probe or never
-    admission = state.admission
-    ticket = admission.enter(conversation_id)
     record = _recorder(state.memory, conversation_id, body.message)
 
     if fmt is not None:
+        admission = state.admission
+        ticket = admission.enter(conversation_id)
+
         def make_call() -> ChatCall:
             history = state.memory.get_history(conversation_id) if state.memory else []
             return build_call(agent, settings, history, body.message)
@@ -137,43 +123,21 @@ def _answer(events_only: bool) -> Response:
 
     # A plain-text or non-stream turn: registered for cancel, and watched, since it writes
     # nothing to its client until its reply (or its next token) comes.
-    turn = state.running.add(conversation_id)
-    abort = Abort()
-    turn.attach(abort)
+    turn = WatchedTurn(state, conversation_id, probe)
     streaming = False
-    watch: TurnWatch | None = None
     try:
-        while not admission.wait(ticket, CLIENT_CHECK_SECONDS):
-            if abort.requested:
-                raise TurnCancelled()
-            if client_gone():
-                raise ClientGone()
-        if state.shutdown.begun:
-            raise ServerShuttingDown()  # a turn that waited must not start now
+        watch = turn.begin()
         history = state.memory.get_history(conversation_id) if state.memory is not None else []
         call = build_call(agent, settings, history, body.message)
-        watch = TurnWatch(state.watchdog, abort, probe, state.shutdown,
-                          settings.idle_timeout, settings.total_timeout)
-        watch.start()
-        try:
-            if body.stream:
-                text_stream = state.provider.stream_chat(call, abort)
-            else:
-                result = state.provider.chat(call, abort)
-        except ProviderError:
-            if abort.requested:
-                raise _STOPPED.get(abort.reason, TurnCancelled)() from None
-            raise
-        if body.stream:
+        if not body.stream:
+            result = turn.run(lambda abort: state.provider.chat(call, abort))
+        else:
+            text_stream = turn.run(lambda abort: state.provider.stream_chat(call, abort))
             streaming = True
-            text_watch = watch
 
             def finish() -> None:
-                text_watch.stop()
                 text_stream.close()
-                abort.set_handler(None)  # the connection may go back to the pool
-                admission.leave(ticket)
-                state.running.remove(conversation_id, turn)
+                turn.release()
 
             return Response(
                 StreamBody(relay_text(text_stream, record, finish, watch), finish),
@@ -186,11 +150,7 @@ def _answer(events_only: bool) -> Response:
     finally:
         # A stream gives its slot back when its body is closed, after the upstream is.
         if not streaming:
-            if watch is not None:
-                watch.stop()
-            abort.set_handler(None)
-            admission.leave(ticket)
-            state.running.remove(conversation_id, turn)
+            turn.release()
     record(result.content, False, result.done_reason)
     reply = ChatReply(
         reply=result.content,
@@ -211,9 +171,7 @@ def _answer(events_only: bool) -> Response:
 def build_call(agent: Agent, settings: Settings, history: list[Turn], message: str) -> ChatCall:
     """Build the upstream request: system prompt, remembered turns, then the new message."""
     messages = [{"role": "system", "content": agent.system_prompt}]
-    for turn in history:
-        messages.append({"role": "user", "content": turn.user})
-        messages.append({"role": "assistant", "content": turn.assistant})
+    messages += remembered_messages(history)
     messages.append({"role": "user", "content": message})
     return ChatCall(
         model=agent.resolve_model(settings),
@@ -221,6 +179,15 @@ def build_call(agent: Agent, settings: Settings, history: list[Turn], message: s
         options=agent.resolve_options(settings),
         keep_alive=settings.keep_alive,
     )
+
+
+def remembered_messages(history: list[Turn]) -> list[dict[str, Any]]:
+    """A conversation's remembered turns as chat messages, oldest first."""
+    messages: list[dict[str, Any]] = []
+    for turn in history:
+        messages.append({"role": "user", "content": turn.user})
+        messages.append({"role": "assistant", "content": turn.assistant})
+    return messages
 
 
 def relay_text(

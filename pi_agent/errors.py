@@ -1,18 +1,21 @@
 """Errors that know their HTTP status, and the one handler that renders every error as JSON.
 
-Every error body has one shape: ``{"error": {"code": "...", "message": "..."}}``, plus
-``"fields"`` for a validation failure. Clients get a stable code and message; tracebacks,
-upstream URLs and exception texts go to the log only.
+An error body has the shape of the API that was called: the project's own
+``{"error": {"code": "...", "message": "..."}}`` (plus ``"fields"`` for a validation
+failure), OpenAI's ``{"error": {"message", "type", "param", "code"}}`` under ``/v1``, and
+Ollama's ``{"error": "..."}`` under ``/api`` and on ``/``. Clients get a stable code and
+message; tracebacks, upstream URLs and exception texts go to the log only.
 """
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .schemas import ErrorBody, ErrorDetail, FieldProblem
+from .openai_schemas import OpenAIError, OpenAIErrorBody
+from .schemas import ErrorBody, ErrorDetail, FieldProblem, OllamaErrorBody
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +26,17 @@ class PiAgentError(HTTPException):
     code = 500
     error_code = "internal_error"
     description = "internal server error"
+    param: str | None = None  # the request field at fault, where there is one
 
-    def __init__(self, description: str | None = None) -> None:
+    def __init__(self, description: str | None = None, param: str | None = None) -> None:
         super().__init__(description)
+        if param is not None:
+            self.param = param
 
 
 class InvalidRequest(PiAgentError):
-    """The body is not JSON, or not sent as JSON; fix the request before retrying."""
+    """The body is not JSON, or not sent as JSON, or asks for what cannot be done; fix the
+    request before retrying."""
 
     code = 400
     error_code = "invalid_request"
@@ -44,8 +51,13 @@ class ValidationFailed(PiAgentError):
     description = "the request body failed validation"
 
     def __init__(self, fields: list[FieldProblem]) -> None:
-        super().__init__()
+        super().__init__(param=fields[0].field if fields else None)
         self.fields = fields
+
+    def summary(self) -> str:
+        """The description with the first problems, for APIs whose errors have no fields."""
+        problems = "; ".join(f"{f.field}: {f.problem}" for f in self.fields[:3])
+        return f"{self.description}: {problems}" if problems else self.description
 
 
 class AgentNotFound(PiAgentError):
@@ -56,6 +68,29 @@ class AgentNotFound(PiAgentError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"unknown agent {name!r}: GET /agents lists the agents")
+
+
+class UnknownModel(PiAgentError):
+    """No installed model and no agent has that name (OpenAI's ``model_not_found``)."""
+
+    code = 404
+    error_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.",
+                         param="model")
+
+
+class ModelManagementRefused(PiAgentError):
+    """Pulling, creating, copying, pushing or deleting models is not for a chat gateway."""
+
+    code = 403
+    error_code = "forbidden"
+    description = (
+        "model management is not available through Pi Agent Server: a chat gateway must not "
+        "let its clients fill or wipe the disk. Run `ollama pull` (or rm, cp, create) on the "
+        "machine itself"
+    )
 
 
 class TurnNotRunning(PiAgentError):
@@ -124,6 +159,13 @@ class ProviderError(PiAgentError):
 class UpstreamError(ProviderError):
     """The model server answered with an error status or an error line; retrying may help."""
 
+    def __init__(self, description: str | None = None, upstream_status: int = 0,
+                 upstream_text: str = "") -> None:
+        super().__init__(description)
+        # What the model server said, for the APIs that pass a refusal on as a 400.
+        self.upstream_status = upstream_status
+        self.upstream_text = upstream_text
+
 
 class UpstreamProtocolError(ProviderError):
     """The model server's answer was broken: bad JSON, or a stream cut before its end."""
@@ -138,7 +180,9 @@ class ModelNotFound(ProviderError):
     error_code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"model {model!r} is not installed in Ollama: run `ollama pull {model}`")
+        super().__init__(f"model {model!r} is not installed in Ollama: run `ollama pull {model}`",
+                         param="model")
+        self.model = model
 
 
 class ProviderUnavailable(ProviderError):
@@ -168,28 +212,52 @@ _WERKZEUG_CODES = {
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Render every error raised in ``app``, ours and werkzeug's, as one JSON shape."""
+    """Render every error raised in ``app``, ours and werkzeug's, in the called API's shape."""
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(Exception, _render_unexpected_error)
 
 
 def error_response(status: int, code: str, message: str, **extra: Any) -> Response:
-    """Build the JSON error response that every route uses."""
+    """Build an error response in the project's own shape."""
     body = ErrorBody(error=ErrorDetail(code=code, message=message, **extra))
     response = jsonify(body.model_dump(mode="json", exclude_none=True))
     response.status_code = status
     return response
 
 
-def _render_http_error(exc: HTTPException) -> Response:
+def openai_error(exc: PiAgentError) -> OpenAIErrorBody:
+    """The error as OpenAI's API words it, for a response or for an event in a stream."""
     status = exc.code or 500
-    if isinstance(exc, ValidationFailed):
-        response = error_response(status, exc.error_code, exc.description, fields=exc.fields)
-    elif isinstance(exc, PiAgentError):
-        response = error_response(status, exc.error_code, exc.description)
+    message = exc.summary() if isinstance(exc, ValidationFailed) else exc.description
+    if status == 429:
+        kind, code = "requests", "rate_limit_exceeded"
+    elif status == 401:
+        kind, code = "invalid_request_error", "invalid_api_key"
+    elif status >= 500:
+        kind, code = "server_error", exc.error_code
     else:
-        code = _WERKZEUG_CODES.get(status, f"http_{status}")
-        response = error_response(status, code, exc.description or exc.name.lower())
+        kind, code = "invalid_request_error", exc.error_code
+    return OpenAIErrorBody(error=OpenAIError(message=message, type=kind, param=exc.param,
+                                             code=code))
+
+
+def _render_http_error(exc: HTTPException) -> Response:
+    error = exc if isinstance(exc, PiAgentError) else _as_ours(exc)
+    status = error.code or 500
+    path = request.path
+    if path == "/v1" or path.startswith("/v1/"):
+        # OpenAI has no 422: its SDKs expect a 400 for a body that fails validation.
+        response = jsonify(openai_error(error).model_dump())
+        response.status_code = 400 if status == 422 else status
+    elif path == "/" or path.startswith("/api/"):
+        message = error.summary() if isinstance(error, ValidationFailed) else error.description
+        response = jsonify(OllamaErrorBody(error=message).model_dump())
+        response.status_code = 400 if status == 422 else status  # Ollama has no 422 either
+    elif isinstance(error, ValidationFailed):
+        response = error_response(status, error.error_code, error.description,
+                                  fields=error.fields)
+    else:
+        response = error_response(status, error.error_code, error.description)
     # Keep what werkzeug set for this status, such as Allow on a 405.
     for name, value in exc.get_headers():
         if name.lower() != "content-type":
@@ -197,6 +265,14 @@ def _render_http_error(exc: HTTPException) -> Response:
     return response
 
 
+def _as_ours(exc: HTTPException) -> PiAgentError:
+    """A werkzeug error (404, 405, 413, ...) with a code in our style."""
+    error = PiAgentError(exc.description or exc.name.lower())
+    error.code = exc.code or 500
+    error.error_code = _WERKZEUG_CODES.get(error.code, f"http_{error.code}")
+    return error
+
+
 def _render_unexpected_error(exc: Exception) -> Response:
     logger.exception("unhandled error")
-    return error_response(500, "internal_error", "internal server error")
+    return _render_http_error(PiAgentError())

@@ -6,15 +6,15 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .admission import Admission, Ticket
-from .errors import ProviderError
+from .errors import PiAgentError, ProviderError, ProviderTimeout, ServerShuttingDown, TurnCancelled
 from .generation import Generation
 from .lifecycle import Shutdown
-from .providers.base import Abort, ChatCall, Provider
+from .providers.base import Abort, ChatCall, ChatChunk, Provider
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +23,52 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
 
 
+class StreamEncoder(Protocol):
+    """Writes a stream's events in one API's format; ``b""`` for an event it does not show."""
+
+    content_type: str
+
+    def start(self, conversation_id: str, agent: str, model: str) -> bytes: ...
+
+    def queued(self, position: int) -> bytes: ...
+
+    def ping(self) -> bytes: ...
+
+    def chunk(self, chunk: ChatChunk) -> bytes: ...
+
+    def done(self, chunk: ChatChunk, conversation_id: str, timings: dict[str, int]) -> bytes: ...
+
+    def error(self, exc: PiAgentError) -> bytes: ...
+
+
 class EventFormat:
-    """How events are written: SSE (``event:`` and ``data:`` lines) or NDJSON lines."""
+    """The project's own events: SSE (``event:`` and ``data:`` lines) or NDJSON lines."""
 
     def __init__(self, content_type: str, sse: bool) -> None:
         self.content_type = content_type
         self.sse = sse
+
+    def start(self, conversation_id: str, agent: str, model: str) -> bytes:
+        return self.event("start", {"conversation_id": conversation_id, "agent": agent,
+                                    "model": model})
+
+    def queued(self, position: int) -> bytes:
+        return self.event("queued", {"position": position})
+
+    def chunk(self, chunk: ChatChunk) -> bytes:
+        # Thinking chunks carry no content: they are not part of the answer.
+        return self.event("token", {"content": chunk.content}) if chunk.content else b""
+
+    def done(self, chunk: ChatChunk, conversation_id: str, timings: dict[str, int]) -> bytes:
+        usage = {"prompt_tokens": chunk.prompt_tokens,
+                 "completion_tokens": chunk.completion_tokens,
+                 "total_tokens": chunk.prompt_tokens + chunk.completion_tokens}
+        return self.chunk(chunk) + self.event("done", {
+            "conversation_id": conversation_id, "done_reason": chunk.done_reason,
+            "usage": usage, "timings": timings})
+
+    def error(self, exc: PiAgentError) -> bytes:
+        return self.event("error", {"code": exc.error_code, "message": exc.description})
 
     def event(self, name: str, data: dict[str, Any]) -> bytes:
         if self.sse:
@@ -109,7 +149,7 @@ class Timeouts:
 class EventStream:
     """Everything a stream needs, gathered before it starts."""
 
-    fmt: EventFormat
+    fmt: StreamEncoder
     conversation_id: str
     agent: str
     model: str
@@ -124,8 +164,10 @@ class EventStream:
     # that leaves is noticed before the next heartbeat would fail to reach it.
     client_gone: Callable[[], bool]
     shutdown: Shutdown
+    # Why the stream ended in an error event, once it has.
+    failure: PiAgentError | None = None
 
-    def relay(self) -> Iterator[bytes]:
+    def relay(self) -> Generator[bytes, None, None]:
         """Yield the events; close the upstream and give the slot back however it ends."""
         fmt, timeouts = self.fmt, self.timeouts
         poll = min(POLL_SECONDS, timeouts.heartbeat / 2)
@@ -135,12 +177,11 @@ class EventStream:
         pieces: list[str] = []
         outcome = "disconnected"
         try:
-            yield fmt.event("start", {"conversation_id": self.conversation_id,
-                                      "agent": self.agent, "model": self.model})
+            yield fmt.start(self.conversation_id, self.agent, self.model)
             last_write = time.monotonic()
             position = self.admission.position(self.ticket)
             while position and not cancel.requested:
-                yield fmt.event("queued", {"position": position})
+                yield fmt.queued(position)
                 last_write = time.monotonic()
                 while not cancel.requested:
                     new = self.admission.wait_for_change(self.ticket, position, poll)
@@ -151,17 +192,17 @@ class EventStream:
                         return
                     if self.shutdown.begun:
                         # A turn that has not started will not get to run before the end.
-                        yield _shutting_down(fmt)
+                        yield self._fail(ServerShuttingDown())
                         return
                     if time.monotonic() - last_write >= timeouts.heartbeat:
                         yield fmt.ping()
                         last_write = time.monotonic()
             if cancel.requested:
                 outcome = "cancelled"
-                yield _error(fmt, "cancelled", "the turn was cancelled")
+                yield self._fail(TurnCancelled())
                 return
             if self.shutdown.begun:
-                yield _shutting_down(fmt)
+                yield self._fail(ServerShuttingDown())
                 return
             queue_ms = _ms(time.monotonic() - started)
 
@@ -186,11 +227,11 @@ class EventStream:
                         return
                 if self.shutdown.due():
                     logger.warning("stream cut short: the server is shutting down")
-                    yield _shutting_down(fmt)
+                    yield self._fail(ServerShuttingDown())
                     return
                 if cancel.requested:
                     outcome = "cancelled"
-                    yield _error(fmt, "cancelled", "the turn was cancelled")
+                    yield self._fail(TurnCancelled())
                     return
                 now = time.monotonic()
                 if item is None:
@@ -198,8 +239,7 @@ class EventStream:
                         outcome = "failed"
                         logger.warning("upstream timed out (%s)",
                                        "first token" if first_token_ms is None else "idle/total")
-                        yield _error(fmt, "upstream_timeout",
-                                     "the model server did not answer in time")
+                        yield self._fail(ProviderTimeout())
                         return
                     if now - last_write >= timeouts.heartbeat:
                         yield fmt.ping()
@@ -208,29 +248,26 @@ class EventStream:
                 if isinstance(item, ProviderError):
                     outcome = "failed"
                     logger.warning("event stream ended by %s", type(item).__name__)
-                    yield _error(fmt, item.error_code, item.description)
+                    yield self._fail(item)
                     return
                 if first_token_ms is None:
                     first_token_ms = _ms(now - began)
                 deadline = now + timeouts.idle
                 if item.content:
                     pieces.append(item.content)
-                    yield fmt.event("token", {"content": item.content})
-                    last_write = time.monotonic()
-                if item.done:
-                    outcome = "done"
-                    usage = {"prompt_tokens": item.prompt_tokens,
-                             "completion_tokens": item.completion_tokens,
-                             "total_tokens": item.prompt_tokens + item.completion_tokens}
-                    self.record("".join(pieces), False, item.done_reason)
-                    yield fmt.event("done", {
-                        "conversation_id": self.conversation_id,
-                        "done_reason": item.done_reason,
-                        "usage": usage,
-                        "timings": {"queue_ms": queue_ms, "first_token_ms": first_token_ms,
-                                    "total_ms": _ms(time.monotonic() - started)},
-                    })
-                    return
+                if not item.done:
+                    data = fmt.chunk(item)
+                    if data:
+                        yield data
+                        last_write = time.monotonic()
+                    continue
+                outcome = "done"
+                self.record("".join(pieces), False, item.done_reason)
+                # The last chunk may carry text too: the encoder writes it with the end.
+                yield fmt.done(item, self.conversation_id, {
+                    "queue_ms": queue_ms, "first_token_ms": first_token_ms,
+                    "total_ms": _ms(time.monotonic() - started)})
+                return
         finally:
             # Close the upstream first, then give the slot back.
             if generation is not None:
@@ -239,14 +276,9 @@ class EventStream:
                 self.record("".join(pieces), True, "")
             self.admission.leave(self.ticket)
 
-
-def _shutting_down(fmt: EventFormat) -> bytes:
-    return _error(fmt, "server_shutting_down",
-                  "the server is shutting down; send the turn again in a moment")
-
-
-def _error(fmt: EventFormat, code: str, message: str) -> bytes:
-    return fmt.event("error", {"code": code, "message": message})
+    def _fail(self, exc: PiAgentError) -> bytes:
+        self.failure = exc
+        return self.fmt.error(exc)
 
 
 def _ms(seconds: float) -> int:

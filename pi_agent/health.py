@@ -52,18 +52,18 @@ class ReadinessCheck:
 
     def _probe(self) -> str:
         try:
-            installed = self.provider.list_models()
+            installed = [model.name for model in self.provider.list_models()]
         except ProviderUnavailable:
             return f"ollama not reachable at {self.ollama_url}: is it running?"
         except ProviderError as exc:
             return f"ollama at {self.ollama_url} answered /api/tags badly: {exc.description}"
-        if _full_name(self.model) not in {_full_name(name) for name in installed}:
+        if full_model_name(self.model) not in {full_model_name(name) for name in installed}:
             return f"model {self.model} is not pulled: run `ollama pull {self.model}`"
         return ""
 
 
-def _full_name(model: str) -> str:
-    # Ollama matches names case-insensitively, and "llama3.2" means "llama3.2:latest".
+def full_model_name(model: str) -> str:
+    """A model name as Ollama matches it: without case, and "llama3.2" is "llama3.2:latest"."""
     name = model.strip().lower()
     return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 

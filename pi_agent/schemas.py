@@ -99,3 +99,9 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class OllamaErrorBody(BaseModel):
+    """An error of the Ollama-compatible API, in Ollama's own shape."""
+
+    error: str

@@ -22,14 +22,17 @@ MAX_PROBLEMS = 20
 MAX_FIELD_CHARS = 100
 
 
-def parse_body(model: type[ModelT]) -> ModelT:
+def parse_body(model: type[ModelT], any_content_type: bool = False) -> ModelT:
     """Read the JSON body of the current request as ``model``.
+
+    ``any_content_type`` takes a JSON body whatever its Content-Type, as Ollama does: its
+    clients (curl -d above all) often send none or the wrong one.
 
     :raise InvalidRequest: 400 for a body that is not JSON or not sent as JSON.
     :raise ValidationFailed: 422 naming each failing field, without echoing the input.
     :raise RequestEntityTooLarge: 413 for a body over the configured size.
     """
-    if not request.is_json:
+    if not request.is_json and not any_content_type:
         raise InvalidRequest()
     raw = _read_body(current_app.config["MAX_CONTENT_LENGTH"])
     try:

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 DEFAULT_MODELS = ("llama3.2:1b", "qwen3:0.6b")
+MODIFIED_AT = "2025-05-04T17:37:44.706015396-07:00"  # Go's format: nine digits and an offset
 
 
 @dataclass
@@ -43,6 +44,9 @@ class Script:
     drop_before_headers: bool = False  # read the request, then close without answering
     split_frames: bool = False  # each JSON line in two chunk frames, cut inside a character
     one_frame: bool = False  # all lines of the reply in a single chunk frame
+    # Tool calls as Ollama sends them ({"id"?, "function": {"name", "arguments": {...}}}):
+    # whole, in one chunk after the tokens.
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FakeOllama:
@@ -95,6 +99,8 @@ class FakeOllama:
         """Answer with the default script again and forget what the last test saw."""
         self.script = Script()
         self.scripts.clear()
+        with self._lock:
+            self.requests.clear()
         self.tokens_sent = 0
         self.stream_finished.clear()
         self.client_closed.clear()
@@ -181,7 +187,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         with self.fake._lock:
-            self.fake.requests.append({"_path": self.path, "_method": "GET"})
+            self.fake.requests.append({"_path": self.path, "_method": "GET",
+                                       "_host": self.headers.get("Host")})
         if self.path == "/":
             self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
         elif self.path == "/api/version":
@@ -190,7 +197,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(self.fake.tags_status, {"error": "could not read the models"})
         elif self.path == "/api/tags":
             names = sorted(self.fake.models)
-            models = [{"name": m, "model": m, "size": 1, "details": {}} for m in names]
+            models = [{"name": m, "model": m, "modified_at": MODIFIED_AT, "size": 1,
+                       "details": {"family": "llama"}} for m in names]
+            self._send_json(200, {"models": models})
+        elif self.path == "/api/ps":
+            models = [{"name": m, "model": m, "size": 1, "details": {"family": "llama"},
+                       "expires_at": MODIFIED_AT, "size_vram": 0, "context_length": 2048}
+                      for m in sorted(self.fake.models)[:1]]
             self._send_json(200, {"models": models})
         else:
             self._send(404, b"404 page not found", "text/plain")
@@ -199,13 +212,19 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length) or b"{}")
         body["_path"] = self.path
+        body["_host"] = self.headers.get("Host")
         with self.fake._lock:
             self.fake.requests.append(body)
-        if self.path != "/api/chat":
+        if self.path == "/api/show":
+            self._show(str(body.get("model") or body.get("name") or ""))
+            return
+        if self.path not in ("/api/chat", "/api/generate"):
             self._send(404, b"404 page not found", "text/plain")
             return
+        self.generate = self.path == "/api/generate"
         messages = body.get("messages") or [{}]
-        script = self.fake.scripts.get(messages[-1].get("content"), self.fake.script)
+        prompt = body.get("prompt") if self.generate else messages[-1].get("content")
+        script = self.fake.scripts.get(prompt, self.fake.script)
         if script.drop_before_headers:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -220,12 +239,37 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._answer_chat(model, script)
 
-    # --- chat -------------------------------------------------------------------------
+    def _show(self, model: str) -> None:
+        full = model if ":" in model else model + ":latest"
+        if full not in self.fake.models:
+            self._send_json(404, {"error": f"model '{full}' not found"})
+            return
+        self._send_json(200, {
+            "modelfile": f"FROM {full}", "parameters": "", "template": "{{ .Prompt }}",
+            "details": {"family": "llama", "parameter_size": "1B"},
+            "model_info": {"general.architecture": "llama", "llama.context_length": 131072},
+            "capabilities": ["completion", "tools"], "modified_at": MODIFIED_AT,
+        })
 
-    def _chunk(self, model: str, content: str = "", thinking: str = "") -> dict[str, Any]:
-        message = {"role": "assistant", "content": content}
+    # --- chat and generate --------------------------------------------------------------
+
+    generate = False
+
+    def _chunk(
+        self, model: str, content: str = "", thinking: str = "",
+        tool_calls: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        if self.generate:
+            chunk: dict[str, Any] = {"model": model, "created_at": _now(), "response": content}
+            if thinking:
+                chunk["thinking"] = thinking
+            chunk["done"] = False
+            return chunk
+        message: dict[str, Any] = {"role": "assistant", "content": content}
         if thinking:
             message["thinking"] = thinking
+        if tool_calls:
+            message["tool_calls"] = tool_calls
         return {"model": model, "created_at": _now(), "message": message, "done": False}
 
     def _final(
@@ -245,11 +289,15 @@ class _Handler(BaseHTTPRequestHandler):
         if script.first_token_delay and not self._wait_watching(script.first_token_delay):
             return
         final = self._final(model, script, "".join(script.tokens), "".join(script.thinking))
+        if script.tool_calls and not self.generate:
+            final["message"]["tool_calls"] = script.tool_calls
         self._send_json(200, final)
 
     def _stream_chat(self, model: str, script: Script) -> None:
         lines = [encode(self._chunk(model, thinking=t)) for t in script.thinking]
         lines += [encode(self._chunk(model, content=t)) for t in script.tokens]
+        if script.tool_calls and not self.generate:
+            lines.append(encode(self._chunk(model, tool_calls=script.tool_calls)))
         if script.end_without_done:
             lines.append(b"")
         else:

@@ -8,6 +8,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from pi_agent import __version__
+from pi_agent.providers.base import ModelInfo
 
 from .conftest import unused_port
 from .fake_ollama import FakeOllama
@@ -120,10 +121,10 @@ class HangingProvider:
         self.seconds = seconds
         self.calls = 0
 
-    def list_models(self) -> list[str]:
+    def list_models(self) -> list[ModelInfo]:
         self.calls += 1
         self.clock[0] += self.seconds
-        return ["llama3.2:1b"]
+        return [ModelInfo("llama3.2:1b")]
 
 
 def test_a_slow_probe_still_caches_its_answer() -> None:

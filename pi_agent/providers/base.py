@@ -4,17 +4,33 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 
 @dataclass(frozen=True, slots=True)
 class ChatCall:
-    """One chat request to a model: the full message list and the generation options."""
+    """One chat request to a model: the full message list and the generation options.
+
+    ``messages`` are in Ollama's form (string content, ``images``, ``tool_calls`` with
+    arguments as objects); ``tools``, ``format`` and ``think`` are sent only when set.
+    """
 
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     options: dict[str, Any]
     keep_alive: int | str
+    tools: list[dict[str, Any]] | None = None
+    format: str | dict[str, Any] | None = None
+    think: bool | str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model asked for, with its arguments decoded."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
 
 
 # Not frozen: one is made per token, and a frozen dataclass is slower to build.
@@ -31,6 +47,29 @@ class ChatChunk:
     done_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Ollama sends each call whole, in one chunk.
+    tool_calls: list[ToolCall] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """An installed model: its full name and when it was last changed (Unix seconds)."""
+
+    name: str
+    modified_at: int = 0
+
+
+class Forwarded(Protocol):
+    """A model server's own answer, status and body as they came, for the APIs that relay
+    it unchanged. Iterating yields the body's pieces as they arrive (one NDJSON line per
+    piece for a stream) and raises ``ProviderError`` subclasses only."""
+
+    status: int
+    content_type: str
+
+    def __iter__(self) -> Iterator[bytes]: ...
+
+    def close(self) -> None: ...
 
 
 class Abort:
@@ -83,6 +122,13 @@ class Provider(Protocol):
 
     def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> ChatStream: ...
 
-    def list_models(self) -> list[str]: ...
+    def list_models(self) -> list[ModelInfo]: ...
+
+    def forward(
+        self, method: str, path: str, body: bytes | None = None, *,
+        wait: Literal["quick", "stream", "whole"] = "quick", abort: Abort | None = None,
+    ) -> Forwarded:
+        """Send a request of the model server's own API and hand back its answer as it is."""
+        ...
 
     def close(self) -> None: ...

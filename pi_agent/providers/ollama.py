@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import itertools
 import json
+from datetime import datetime
 import logging
+import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import requests
 import urllib3
@@ -29,7 +32,7 @@ from ..errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
-from .base import Abort, ChatCall, ChatChunk
+from .base import Abort, ChatCall, ChatChunk, ModelInfo, ToolCall
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +40,9 @@ logger = logging.getLogger(__name__)
 # gunicorn's worker_connections, so that a burst does not open and drop connections (and log
 # a warning for each) once requests' default of 10 is passed.
 POOL_SIZE = 1024
-# /api/tags only reads the model list from disk; a slow answer means Ollama is not well.
-TAGS_READ_TIMEOUT = 10.0
+# /api/tags, /api/show, /api/ps and /api/version only read what Ollama has on disk or in
+# memory; a slow answer means Ollama is not well.
+QUICK_READ_TIMEOUT = 10.0
 # One NDJSON line is one token's object; a "line" this long means the stream is not NDJSON.
 MAX_LINE_BYTES = 1024 * 1024
 
@@ -169,14 +173,14 @@ class OllamaProvider:
             _current.abort = None
         return OllamaStream(response)
 
-    def list_models(self) -> list[str]:
-        """Return the names of the models installed in Ollama (``/api/tags``).
+    def list_models(self) -> list[ModelInfo]:
+        """Return the models installed in Ollama (``/api/tags``).
 
         :raise ProviderError: a subclass for each way the call can fail.
         """
         try:
             response = self.session.get(
-                self.base_url + "/api/tags", timeout=(self.timeout[0], TAGS_READ_TIMEOUT)
+                self.base_url + "/api/tags", timeout=(self.timeout[0], QUICK_READ_TIMEOUT)
             )
             with response:
                 if response.status_code != 200:
@@ -189,7 +193,39 @@ class OllamaProvider:
         models = data.get("models") if isinstance(data, dict) else None
         if not isinstance(models, list):
             raise UpstreamProtocolError()
-        return [m["name"] for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]
+        return [
+            ModelInfo(m["name"], _unix_seconds(m.get("modified_at")))
+            for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)
+        ]
+
+    def forward(
+        self, method: str, path: str, body: bytes | None = None, *,
+        wait: Literal["quick", "stream", "whole"] = "quick", abort: Abort | None = None,
+    ) -> OllamaForwarded:
+        """Send a request of Ollama's own API to it and return its answer unread.
+
+        ``wait`` says how long a read may take: "quick" for the model list and the like,
+        "stream" for a streamed generation (the first-token timeout, per read), "whole" for
+        a generation answered at once. The client's headers are not sent, its ``Host``
+        above all: Ollama refuses a Host that is not local.
+
+        :raise ProviderError: the request could not be sent or got no answer.
+        """
+        read_timeout = {"quick": QUICK_READ_TIMEOUT, "stream": self.timeout[1],
+                        "whole": self.whole_reply_timeout[1]}[wait]
+        request = requests.Request(
+            method, self.base_url + path, data=body,
+            headers={"Content-Type": "application/json"} if body is not None else {},
+        )
+        _current.abort = abort
+        try:
+            response = self._adapter.send(self.session.prepare_request(request), stream=True,
+                                          timeout=(self.timeout[0], read_timeout))
+        except requests.RequestException as exc:
+            raise _translate(exc) from exc
+        finally:
+            _current.abort = None
+        return OllamaForwarded(response)
 
     def close(self) -> None:
         self.session.close()
@@ -202,6 +238,12 @@ class OllamaProvider:
             "options": call.options,
             "keep_alive": call.keep_alive,
         }
+        # Left out unless asked for: "think" absent lets a thinking model think, and
+        # "tools" sent to a model without the capability is a 400.
+        for name in ("tools", "format", "think"):
+            value = getattr(call, name)
+            if value is not None:
+                payload[name] = value
         request = self._chat_request.copy()
         request.prepare_body(json.dumps(payload).encode(), None)
         started = time.perf_counter()
@@ -281,6 +323,25 @@ class OllamaStream:
         self._response.close()
 
 
+class OllamaForwarded:
+    """Ollama's answer to a forwarded request: its status, content type and body pieces."""
+
+    def __init__(self, response: requests.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+        self.content_type = response.headers.get("Content-Type", "application/json")
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            # One piece per chunk frame as it arrives: Ollama puts one NDJSON line in each.
+            yield from self._response.iter_content(chunk_size=None)
+        except requests.RequestException as exc:
+            raise _translate(exc) from exc
+
+    def close(self) -> None:
+        self._response.close()
+
+
 def _parse_line(line: bytes) -> ChatChunk:
     try:
         data = json.loads(line.decode())
@@ -305,15 +366,51 @@ def _parse_chunk(data: Any) -> ChatChunk:
     if not isinstance(content, str) or not isinstance(thinking, str):
         logger.warning("ollama sent a chunk whose message is not text")
         raise UpstreamProtocolError()
+    tool_calls = _parse_tool_calls(message.get("tool_calls"))
     if data.get("done") is not True:
-        return ChatChunk(content, thinking)
+        return ChatChunk(content, thinking, tool_calls=tool_calls)
     prompt_tokens = data.get("prompt_eval_count") or 0
     completion_tokens = data.get("eval_count") or 0
     if not isinstance(prompt_tokens, int) or not isinstance(completion_tokens, int):
         raise UpstreamProtocolError()
     # Old Ollama versions leave done_reason out of the final chunk.
     done_reason = str(data.get("done_reason") or "stop")
-    return ChatChunk(content, thinking, True, done_reason, prompt_tokens, completion_tokens)
+    return ChatChunk(content, thinking, True, done_reason, prompt_tokens, completion_tokens,
+                     tool_calls)
+
+
+def _parse_tool_calls(calls: Any) -> list[ToolCall] | None:
+    if not calls:
+        return None
+    if not isinstance(calls, list):
+        raise UpstreamProtocolError()
+    parsed = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            logger.warning("ollama sent a tool call without a function name")
+            raise UpstreamProtocolError()
+        arguments = function.get("arguments") or {}
+        if not isinstance(arguments, dict):
+            raise UpstreamProtocolError()
+        # Ollama before 0.12 sends no id; the client needs one to answer the call.
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = "call_" + uuid.uuid4().hex[:24]
+        parsed.append(ToolCall(call_id, function["name"], arguments))
+    return parsed
+
+
+def _unix_seconds(timestamp: Any) -> int:
+    """Ollama's RFC 3339 times (``2025-05-04T17:37:44.706015396-07:00``) in Unix seconds."""
+    if not isinstance(timestamp, str):
+        return 0
+    # Go writes up to nine fractional digits; Python reads at most six.
+    trimmed = re.sub(r"(\.\d{6})\d+", r"\1", timestamp)
+    try:
+        return int(datetime.fromisoformat(trimmed).timestamp())
+    except ValueError:
+        return 0
 
 
 def _status_error(response: requests.Response, model: str) -> ProviderError:
@@ -324,7 +421,8 @@ def _status_error(response: requests.Response, model: str) -> ProviderError:
     logger.warning("ollama answered HTTP %d: %.300s", response.status_code, text)
     if response.status_code == 404 and "not found" in text:
         return ModelNotFound(model)
-    return UpstreamError(f"the model server answered with an error (HTTP {response.status_code})")
+    return UpstreamError(f"the model server answered with an error (HTTP {response.status_code})",
+                         response.status_code, text)
 
 
 def _translate(exc: requests.RequestException) -> ProviderError:

@@ -1,0 +1,191 @@
+"""The Ollama-compatible API, driven by the official ``ollama`` Python client (and by raw HTTP
+where the framing itself is checked), through gunicorn and the gevent worker, in front of
+the fake Ollama."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import ollama
+import pytest
+import requests
+
+from .fake_ollama import FakeOllama, Script
+from .live_server import Gunicorn
+
+MODEL = "llama3.2:1b"
+
+
+@pytest.fixture(scope="module")
+def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
+    server = Gunicorn(tmp_path_factory.mktemp("ollama") / "server.log", OLLAMA_URL=upstream.url,
+                      MAX_CONCURRENT="1", MAX_QUEUE="1", NUM_PREDICT="300",
+                      TOTAL_TIMEOUT="4")
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log.read_text()
+
+
+@pytest.fixture
+def client(server: Gunicorn) -> Iterator[ollama.Client]:
+    client = ollama.Client(host=server.url, timeout=20)
+    try:
+        yield client
+    finally:
+        client._client.close()
+
+
+def test_chat(client: ollama.Client, fake: FakeOllama) -> None:
+    reply = client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert reply.message.content == "Hello, world!" and reply.done_reason == "stop"
+    assert reply.eval_count == 4
+    parts = list(client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                             stream=True))
+    assert [p.message.content for p in parts] == ["Hello", ",", " world", "!", ""]
+    assert parts[-1].done is True
+    assert [r["stream"] for r in fake.chat_requests()] == [False, True]
+
+
+def test_generate(client: ollama.Client, fake: FakeOllama) -> None:
+    assert client.generate(model=MODEL, prompt="hi").response == "Hello, world!"
+    parts = list(client.generate(model=MODEL, prompt="hi", stream=True))
+    assert "".join(p.response for p in parts) == "Hello, world!" and parts[-1].done
+    sent = [r for r in fake.requests if r["_path"] == "/api/generate"]
+    assert [r["prompt"] for r in sent] == ["hi", "hi"]
+
+
+def test_list_show_ps_version(client: ollama.Client, server: Gunicorn) -> None:
+    assert [m.model for m in client.list().models] == ["llama3.2:1b", "qwen3:0.6b"]
+    shown = client.show(MODEL)
+    assert shown.capabilities == ["completion", "tools"]
+    assert [m.model for m in client.ps().models] == ["llama3.2:1b"]
+    assert requests.get(server.url + "/api/version", timeout=5).json() == {"version": "0.33.0"}
+    with pytest.raises(ollama.ResponseError) as info:
+        client.show("not-installed")
+    assert info.value.status_code == 404
+    assert info.value.error == "model 'not-installed:latest' not found"  # Ollama's own text
+
+
+def test_root_answers_like_ollama(server: Gunicorn) -> None:
+    response = requests.get(server.url + "/", timeout=5)
+    assert (response.status_code, response.text) == (200, "Ollama is running")
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert requests.head(server.url + "/", timeout=5).status_code == 200
+
+
+def test_streams_keep_ollamas_framing(server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(tokens=["a", "<b>", "c"], token_delay=0.02)
+    with requests.post(server.url + "/api/chat", stream=True, timeout=10,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+                       ) as response:
+        assert response.headers["Content-Type"] == "application/x-ndjson"
+        frames = list(response.iter_content(chunk_size=None))
+    # One chunk frame per object, each object one line, exactly as Ollama wrote it.
+    assert len(frames) == 4 and all(f.endswith(b"\n") and f.count(b"\n") == 1 for f in frames)
+    assert b'"content":"\\u003cb\\u003e"' in frames[1]  # Go's escaping is kept
+    assert json.loads(frames[-1])["done"] is True
+
+
+def test_the_client_host_is_not_forwarded(server: Gunicorn, fake: FakeOllama) -> None:
+    requests.post(server.url + "/api/generate", timeout=10, headers={"Host": "evil.example"},
+                  json={"model": MODEL, "prompt": "hi", "stream": False})
+    requests.get(server.url + "/api/tags", timeout=10, headers={"Host": "evil.example"})
+    hosts = {r["_host"] for r in fake.requests}
+    assert hosts == {fake.url.removeprefix("http://")}
+
+
+def test_gateway_limits_are_applied(client: ollama.Client, fake: FakeOllama) -> None:
+    client.generate(model=MODEL, prompt="hi")
+    client.generate(model=MODEL, prompt="hi", options={"num_predict": 5000, "num_ctx": 4096},
+                    keep_alive="5m")
+    client.generate(model=MODEL, prompt="hi", options={"num_predict": 20})
+    sent = [r for r in fake.requests if r["_path"] == "/api/generate"]
+    assert [r["options"]["num_predict"] for r in sent] == [300, 300, 20]
+    assert [r["options"]["num_ctx"] for r in sent] == [2048, 4096, 2048]
+    assert [r["keep_alive"] for r in sent] == ["30m", "5m", "30m"]
+
+
+def test_upstream_errors_keep_their_status_and_body(client: ollama.Client, fake: FakeOllama
+                                                    ) -> None:
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="nope:1b", messages=[{"role": "user", "content": "hi"}])
+    assert (info.value.status_code, info.value.error) == (404, "model 'nope:1b' not found")
+    fake.script = Script(status=400, error_text="registry.ollama.ai/x does not support tools")
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=False)
+    assert info.value.status_code == 400 and "does not support tools" in info.value.error
+
+
+def test_an_error_line_mid_stream_is_relayed(client: ollama.Client, fake: FakeOllama) -> None:
+    fake.script = Script(error_after=2, error_text="an error was encountered while running")
+    with pytest.raises(ollama.ResponseError) as info:
+        for _ in client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                             stream=True):
+            pass
+    assert info.value.error == "an error was encountered while running"
+
+
+def test_a_dropped_stream_ends_with_an_error_line(server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(drop_after=2)
+    response = requests.post(server.url + "/api/chat", timeout=10,
+                             json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    lines = response.text.splitlines()
+    assert len(lines) == 3 and "" not in lines
+    assert json.loads(lines[-1]) == {
+        "error": "the model server sent a broken or incomplete answer"}
+
+
+@pytest.mark.parametrize("method, path", [
+    ("POST", "/api/pull"), ("POST", "/api/push"), ("POST", "/api/create"),
+    ("POST", "/api/copy"), ("DELETE", "/api/delete"), ("POST", "/api/blobs/sha256:abc"),
+])
+def test_model_management_is_refused(server: Gunicorn, fake: FakeOllama, method: str,
+                                     path: str) -> None:
+    response = requests.request(method, server.url + path, json={"model": MODEL}, timeout=5)
+    assert response.status_code == 403
+    assert "model management is not available" in response.json()["error"]
+    assert list(fake.requests) == []
+
+
+def test_bad_bodies_get_ollama_shaped_errors(server: Gunicorn, fake: FakeOllama) -> None:
+    for body, status in ((b"{nope", 400), (b'{"stream": "yes"}', 400),
+                         (b'{"model": "m", "options": {"num_predict": "lots"}}', 400)):
+        response = requests.post(server.url + "/api/chat", data=body, timeout=5)
+        assert response.status_code == status
+        assert isinstance(response.json()["error"], str)
+    missing = requests.get(server.url + "/api/nothing-here", timeout=5)
+    assert missing.status_code == 404 and isinstance(missing.json()["error"], str)
+    assert [r for r in fake.requests if r["_path"] == "/api/chat"] == []
+
+
+def test_a_full_queue_is_429(client: ollama.Client, server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(first_token_delay=1.5)
+    threads = [threading.Thread(target=client.generate, kwargs={"model": MODEL, "prompt": p})
+               for p in ("one", "two")]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.3)
+    try:
+        with pytest.raises(ollama.ResponseError) as info:
+            client.generate(model=MODEL, prompt="three")
+        assert info.value.status_code == 429 and "busy" in info.value.error
+    finally:
+        for thread in threads:
+            thread.join(10)
+
+
+def test_a_client_that_leaves_stops_ollama(server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(first_token_delay=30)
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"model": MODEL, "prompt": "hi"}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        time.sleep(0.5)
+    # The watchdog sees the client gone and shuts the upstream, long before 30 s.
+    assert fake.client_closed.wait(5)
