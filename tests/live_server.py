@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,17 @@ class Gunicorn:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@contextmanager
+def serving(log: Path, *args: str, **settings: str) -> Iterator[Gunicorn]:
+    """A ``Gunicorn`` for a ``with`` block, stopped after it; it must exit cleanly."""
+    server = Gunicorn(log, *args, **settings)
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log.read_text()
 
 
 class RawStream:

@@ -13,7 +13,7 @@ from pi_agent.admission import Admission
 from pi_agent.errors import ConversationBusy, QueueFull
 
 from .fake_ollama import FakeOllama, Script
-from .live_server import Gunicorn
+from .live_server import Gunicorn, serving
 
 
 class Clock:
@@ -88,12 +88,9 @@ def test_wait_returns_when_admitted_or_timed_out() -> None:
 
 @pytest.fixture(scope="module")
 def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    server = Gunicorn(tmp_path_factory.mktemp("admission") / "server.log",
-                      OLLAMA_URL=upstream.url, MAX_CONCURRENT="1", MAX_QUEUE="2")
-    try:
+    with serving(tmp_path_factory.mktemp("admission") / "server.log",
+                 OLLAMA_URL=upstream.url, MAX_CONCURRENT="1", MAX_QUEUE="2") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def post(server: Gunicorn, **body: object) -> requests.Response:

@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 
 from .conftest import state
 from .fake_ollama import FakeOllama, Script
-from .live_server import Gunicorn, RawStream
+from .live_server import Gunicorn, RawStream, serving
 
 Event = tuple[str, dict[str, Any]]
 
@@ -188,12 +188,9 @@ HEARTBEAT = 1.0
 
 @pytest.fixture(scope="module")
 def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    server = Gunicorn(tmp_path_factory.mktemp("events") / "server.log", OLLAMA_URL=upstream.url,
-                      MAX_CONCURRENT="1", MAX_QUEUE="2", HEARTBEAT_SECONDS=str(HEARTBEAT))
-    try:
+    with serving(tmp_path_factory.mktemp("events") / "server.log", OLLAMA_URL=upstream.url,
+                 MAX_CONCURRENT="1", MAX_QUEUE="2", HEARTBEAT_SECONDS=str(HEARTBEAT)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def upstream_closed_within(fake: FakeOllama, since: float, seconds: float) -> bool:
@@ -406,9 +403,8 @@ def test_sigterm_ends_a_running_stream_with_a_last_word(
     path: str, body: dict[str, Any], started: bytes, ending: str,
 ) -> None:
     upstream.script = Script(tokens=[f"t{i} " for i in range(400)], token_delay=0.05)
-    server = Gunicorn(tmp_path_factory.mktemp("shutdown") / "server.log", "--graceful-timeout",
-                      "3", OLLAMA_URL=upstream.url, HEARTBEAT_SECONDS="0.5")
-    try:
+    with serving(tmp_path_factory.mktemp("shutdown") / "server.log", "--graceful-timeout",
+                 "3", OLLAMA_URL=upstream.url, HEARTBEAT_SECONDS="0.5") as server:
         stream = RawStream(server, path, **body)
         try:
             stream.read_until(started)
@@ -418,21 +414,16 @@ def test_sigterm_ends_a_running_stream_with_a_last_word(
             stream.close()
         assert ending in text and "event: done" not in text
         assert server.process.wait(timeout=15) == 0
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def quick_timeouts(
     upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gunicorn]:
-    server = Gunicorn(tmp_path_factory.mktemp("timeouts") / "server.log",
-                      OLLAMA_URL=upstream.url, FIRST_TOKEN_TIMEOUT="0.8", IDLE_TIMEOUT="0.8",
-                      TOTAL_TIMEOUT="2", HEARTBEAT_SECONDS="0.5", READY_CACHE_SECONDS="0")
-    try:
+    with serving(tmp_path_factory.mktemp("timeouts") / "server.log",
+                 OLLAMA_URL=upstream.url, FIRST_TOKEN_TIMEOUT="0.8", IDLE_TIMEOUT="0.8",
+                 TOTAL_TIMEOUT="2", HEARTBEAT_SECONDS="0.5", READY_CACHE_SECONDS="0") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize(

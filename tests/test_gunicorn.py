@@ -19,19 +19,16 @@ from .live_server import (
     Gunicorn,
     RawStream,
     gunicorn_command,
+    serving,
     server_env,
 )
 
 
 @pytest.fixture(scope="module")
 def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    server = Gunicorn(tmp_path_factory.mktemp("gunicorn") / "server.log", OLLAMA_URL=upstream.url,
-                      MAX_CONCURRENT="4")
-    try:
+    with serving(tmp_path_factory.mktemp("gunicorn") / "server.log", OLLAMA_URL=upstream.url,
+                 MAX_CONCURRENT="4") as server:
         yield server
-    finally:
-        server.stop()
-    assert server.process.returncode == 0, server.log.read_text()
 
 
 def open_stream(server: Gunicorn, **body: object) -> requests.Response:

@@ -14,21 +14,17 @@ import pytest
 import requests
 
 from .fake_ollama import FakeOllama, Script
-from .live_server import Gunicorn
+from .live_server import Gunicorn, serving
 
 MODEL = "llama3.2:1b"
 
 
 @pytest.fixture(scope="module")
 def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    server = Gunicorn(tmp_path_factory.mktemp("ollama") / "server.log", OLLAMA_URL=upstream.url,
-                      MAX_CONCURRENT="1", MAX_QUEUE="1", NUM_PREDICT="300",
-                      TOTAL_TIMEOUT="4")
-    try:
+    with serving(tmp_path_factory.mktemp("ollama") / "server.log", OLLAMA_URL=upstream.url,
+                 MAX_CONCURRENT="1", MAX_QUEUE="1", NUM_PREDICT="300",
+                 TOTAL_TIMEOUT="4") as server:
         yield server
-    finally:
-        server.stop()
-    assert server.process.returncode == 0, server.log.read_text()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from werkzeug.exceptions import Unauthorized
 
 from .conftest import unused_port
 from .fake_ollama import FakeOllama, Script
-from .live_server import Gunicorn
+from .live_server import Gunicorn, serving
 
 MODEL = "llama3.2:1b"
 WEATHER_TOOL = {"type": "function", "function": {
@@ -33,14 +33,10 @@ OSLO_CALL = {"id": "call_k3j9x0ab",
 def server(upstream: FakeOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     # One slot and one place in the queue, so that a third turn is refused; a short
     # heartbeat and total time, so that the slow cases take seconds.
-    server = Gunicorn(tmp_path_factory.mktemp("openai") / "server.log", OLLAMA_URL=upstream.url,
-                      MAX_CONCURRENT="1", MAX_QUEUE="1", HEARTBEAT_SECONDS="1",
-                      TOTAL_TIMEOUT="4", NUM_PREDICT="300", MAX_BODY_BYTES="20000")
-    try:
+    with serving(tmp_path_factory.mktemp("openai") / "server.log", OLLAMA_URL=upstream.url,
+                 MAX_CONCURRENT="1", MAX_QUEUE="1", HEARTBEAT_SECONDS="1",
+                 TOTAL_TIMEOUT="4", NUM_PREDICT="300", MAX_BODY_BYTES="20000") as server:
         yield server
-    finally:
-        server.stop()
-    assert server.process.returncode == 0, server.log.read_text()
 
 
 @pytest.fixture
@@ -427,16 +423,15 @@ def test_a_client_that_leaves_mid_stream_stops_ollama(server: Gunicorn, fake: Fa
 
 
 def test_ollama_not_running_is_503(tmp_path: Path) -> None:
-    server = Gunicorn(tmp_path / "server.log", OLLAMA_URL=f"http://127.0.0.1:{unused_port()}")
-    try:
-        with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
-            for stream in (False, True):
-                with pytest.raises(openai.InternalServerError) as info:
-                    ask(client, stream=stream)
-                assert info.value.status_code == 503
-                assert info.value.code == "upstream_unavailable"
-    finally:
-        server.stop()
+    url = f"http://127.0.0.1:{unused_port()}"
+    with serving(tmp_path / "server.log", OLLAMA_URL=url) as server, openai.OpenAI(
+        base_url=server.url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as info:
+                ask(client, stream=stream)
+            assert info.value.status_code == 503
+            assert info.value.code == "upstream_unavailable"
 
 
 @pytest.mark.parametrize("error, status, kind, code", [
