@@ -249,6 +249,10 @@ def _render_http_error(exc: HTTPException) -> Response:
         # OpenAI has no 422: its SDKs expect a 400 for a body that fails validation.
         response = jsonify(openai_error(error).model_dump())
         response.status_code = 400 if status == 422 else status
+        if isinstance(error, (TurnCancelled, ProviderTimeout)):
+            # OpenAI's SDKs retry a 409 and a 5xx: a cancel must stick, and a turn that
+            # ran out of time would only take as long again.
+            response.headers["x-should-retry"] = "false"
     elif path == "/" or path.startswith("/api/"):
         message = error.summary() if isinstance(error, ValidationFailed) else error.description
         response = jsonify(OllamaErrorBody(error=message).model_dump())

@@ -68,7 +68,7 @@ def read_only() -> Response:
 @bp.post("/api/show")
 def show() -> Response:
     body = parse_body(ShowRequest, any_content_type=True)
-    return _relay_whole("POST", "/api/show", body.model_dump_json(exclude_unset=True).encode())
+    return _relay_whole("POST", "/api/show", _encode(_given(body)))
 
 
 @bp.post("/api/chat")
@@ -78,7 +78,7 @@ def generate() -> Response:
     body = parse_body(GenerationRequest, any_content_type=True)
     state = current_state()
     settings = state.settings
-    payload = body.model_dump(exclude_unset=True)
+    payload = _given(body)
     options = dict(body.options or {})
     num_predict = options.get("num_predict", -1)
     if not isinstance(num_predict, int) or isinstance(num_predict, bool):
@@ -91,7 +91,7 @@ def generate() -> Response:
     payload["options"] = options
     payload.setdefault("keep_alive", settings.keep_alive)
     streamed = body.stream is not False
-    data = json.dumps(payload).encode()
+    data = _encode(payload)
 
     turn = WatchedTurn(state, "ollama-" + uuid.uuid4().hex, client_probe(request.environ))
     relaying = False
@@ -106,7 +106,7 @@ def generate() -> Response:
             turn.release()
 
         return Response(
-            StreamBody(_relay_pieces(upstream, watch), finish),
+            StreamBody(_relay_pieces(upstream, watch, lines=streamed), finish),
             status=upstream.status, content_type=upstream.content_type,
             headers={"X-Accel-Buffering": "no"} if streamed else {},
             direct_passthrough=True,
@@ -135,19 +135,36 @@ def _relay_whole(method: str, path: str, body: bytes | None = None) -> Response:
     return Response(content, status=upstream.status, content_type=upstream.content_type)
 
 
-def _relay_pieces(upstream: Forwarded, watch: TurnWatch) -> Iterator[bytes]:
+def _relay_pieces(upstream: Forwarded, watch: TurnWatch, lines: bool) -> Iterator[bytes]:
     """Yield Ollama's body as it comes. A failure after the status went out is told as
-    Ollama tells it: one more line, ``{"error": "..."}``."""
+    Ollama tells it in a stream: one more line, ``{"error": "..."}``. A single JSON body
+    cut short just ends: a line after half an object would not make it JSON either."""
+    finished = False
     try:
         for piece in upstream:
             watch.last_chunk = watch.last_write = time.monotonic()
+            # Ollama writes compact JSON, one object per piece: the last one says this.
+            finished = finished or b'"done":true' in piece
             # A client that reads slowly holds the write up; that is not Ollama idling.
             watch.writing = True
             yield piece
             watch.writing = False
     except ProviderError as exc:
         reason = watch.abort.reason if watch.abort.requested else ""
-        if reason == "client_gone":
+        if reason == "client_gone" or not lines or finished:
+            # The reply is whole when only the end of its body failed.
             return
         error = STOPPED[reason]() if reason in STOPPED else exc
         yield OllamaErrorBody(error=error.description).model_dump_json().encode() + b"\n"
+
+
+def _given(body: BaseModel) -> dict[str, Any]:
+    """The fields of a body as the client sent them, the unknown ones included."""
+    return {name: value for name, value in body if name in body.model_fields_set}
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(payload).encode()
+    except (ValueError, RecursionError):  # nesting deep enough to pass json.loads only
+        raise InvalidRequest("the request body is nested too deeply") from None

@@ -14,7 +14,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from flask import Blueprint, Response, g, request
@@ -92,8 +92,9 @@ def chat_completions() -> Response:
     memory = state.memory if conversation_id else None
 
     def record(answer: str, partial: bool, done_reason: str) -> None:
-        # As in /chat, only an answer the model gave is remembered.
-        if memory is not None and conversation_id and answer:
+        # As in /chat, only an answer the model gave is remembered, and only as the answer
+        # to a user's message.
+        if memory is not None and conversation_id and answer and user_text:
             memory.append_turn(conversation_id, Turn(user=user_text, assistant=answer,
                                                      partial=partial, done_reason=done_reason))
 
@@ -211,7 +212,7 @@ def to_ollama_messages(messages: list[Message]) -> list[dict[str, Any]]:
             for j, call in enumerate(message.tool_calls):
                 try:
                     arguments = json.loads(call.function.arguments or "{}")
-                except ValueError:
+                except (ValueError, RecursionError):
                     arguments = None
                 if not isinstance(arguments, dict):
                     raise InvalidRequest(
@@ -261,25 +262,28 @@ def _stream(state: AppState, call: ChatCall, model: str, turn_id: str,
     turn into the right exception; after it, the failure is one ``error`` event.
     """
     settings = state.settings
+    encoder = OpenAIChunks(model, include_usage)
     ticket = state.admission.enter(turn_id)
     cancel = state.running.add(turn_id)
-    encoder = OpenAIChunks(model, include_usage)
-    stream = EventStream(
-        fmt=encoder, conversation_id=turn_id, agent="", model=call.model,
-        provider=state.provider, admission=state.admission, ticket=ticket, cancel=cancel,
-        make_call=lambda: call, record=record, client_gone=probe or never,
-        shutdown=state.shutdown,
-        timeouts=Timeouts(settings.heartbeat_seconds, settings.first_token_timeout,
-                          settings.idle_timeout, settings.total_timeout),
-    )
-    events = stream.relay()
+    events: Generator[bytes, None, None] | None = None
 
     def finish() -> None:
-        events.close()  # closes the upstream, then gives the slot back
+        if events is not None:
+            events.close()  # closes the upstream, then gives the slot back...
+        state.admission.leave(ticket)  # ...which a relay that never started did not do
         state.running.remove(turn_id, cancel)
 
     try:
-        head = next((data for data in events if data), b"")
+        stream = EventStream(
+            fmt=encoder, conversation_id=turn_id, agent="", model=call.model,
+            provider=state.provider, admission=state.admission, ticket=ticket, cancel=cancel,
+            make_call=lambda: call, record=record, client_gone=probe or never,
+            shutdown=state.shutdown,
+            timeouts=Timeouts(settings.heartbeat_seconds, settings.first_token_timeout,
+                              settings.idle_timeout, settings.total_timeout),
+        )
+        events = relay = stream.relay()
+        head = next((data for data in relay if data), b"")
     except BaseException:
         finish()
         raise
@@ -289,7 +293,7 @@ def _stream(state: AppState, call: ChatCall, model: str, turn_id: str,
             raise ClientGone()
         raise _for_client(stream.failure, model)
     return Response(
-        StreamBody(itertools.chain((head,), events), cleanup=finish),
+        StreamBody(itertools.chain((head,), relay), cleanup=finish),
         content_type=encoder.content_type,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         direct_passthrough=True,
@@ -315,9 +319,10 @@ class OpenAIChunks:
         self._tool_calls = 0
         # A token's chunk is made once per token: its JSON is the model's, with the text put
         # between a prefix and a suffix cut from a chunk that pydantic wrote once.
+        # The delta comes after the model's name, which may hold anything: cut at the last.
         marker = "PI-AGENT-TOKEN"
         template = self._event(Delta(content=marker))
-        self._before, self._after = template.split(json.dumps(marker).encode())
+        self._before, _, self._after = template.rpartition(json.dumps(marker).encode())
 
     def start(self, conversation_id: str, agent: str, model: str) -> bytes:
         return b""
@@ -386,8 +391,12 @@ class OpenAIChunks:
 
 def _for_client(exc: PiAgentError, model: str) -> PiAgentError:
     """An upstream failure in OpenAI's terms: the model the client named is unknown, or the
-    model server refused what the client asked for (tools, thinking) as a bad request."""
-    if isinstance(exc, ModelNotFound):
+    model server refused what the client asked for (tools, thinking) as a bad request.
+
+    An agent whose model is not pulled is the server's problem, not the client's: that
+    stays the 502 that names the model to pull.
+    """
+    if isinstance(exc, ModelNotFound) and not model.startswith(AGENT_PREFIX):
         return UnknownModel(model)
     if isinstance(exc, UpstreamError) and exc.upstream_status == 400:
         return InvalidRequest(f"the model server refused the request: {exc.upstream_text[:300]}")

@@ -37,7 +37,9 @@ class Script:
     status: int = 200
     error_text: str = "llama runner process has terminated: exit status 2"
     error_after: int | None = None  # an {"error": ...} line after N tokens, then a clean end
-    drop_after: int | None = None  # close the socket after N tokens, with no final chunk
+    # Close the socket after N lines (the final one counts too: N past the tokens drops
+    # the connection after done:true, before the body's end).
+    drop_after: int | None = None
     garbage_after: int | None = None  # garbage_line after N tokens
     garbage_line: bytes = b"this is not json\n"
     end_without_done: bool = False  # end the body cleanly but leave out the done:true line
@@ -328,6 +330,9 @@ class _Handler(BaseHTTPRequestHandler):
                 last = sent == len(lines) - 1
                 if script.token_delay and not last and not self._wait_watching(script.token_delay):
                     return
+            if script.drop_after == len(lines):
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self._write(head + b"0\r\n\r\n")
             self.close_connection = False
             self.fake.stream_finished.set()

@@ -136,6 +136,37 @@ def test_a_dropped_stream_ends_with_an_error_line(server: Gunicorn, fake: FakeOl
         "error": "the model server sent a broken or incomplete answer"}
 
 
+def test_a_drop_after_the_last_line_is_no_error(client: ollama.Client, fake: FakeOllama) -> None:
+    fake.script = Script(drop_after=5)  # four tokens and done:true, then no end of body
+    parts = list(client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                             stream=True))
+    assert parts[-1].done and "".join(p.message.content or "" for p in parts) == "Hello, world!"
+
+
+def test_a_stream_over_its_time_ends_with_an_error_line(
+    server: Gunicorn, fake: FakeOllama
+) -> None:
+    fake.script = Script(tokens=[f"t{i}" for i in range(100)], token_delay=0.1)
+    response = requests.post(server.url + "/api/generate", timeout=20,
+                             json={"model": MODEL, "prompt": "x"})  # TOTAL_TIMEOUT is 4 s
+    lines = response.text.splitlines()
+    assert 10 < len(lines) < 100
+    assert json.loads(lines[-1]) == {"error": "the model server did not answer in time"}
+    assert fake.client_closed.wait(5)
+
+
+def test_a_client_that_leaves_mid_stream_stops_ollama(
+    server: Gunicorn, fake: FakeOllama
+) -> None:
+    fake.script = Script(tokens=[f"t{i}" for i in range(200)], token_delay=0.05)
+    with requests.post(server.url + "/api/chat", stream=True, timeout=10, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}]
+    }) as response:
+        assert json.loads(next(response.iter_lines()))["done"] is False
+    assert fake.client_closed.wait(5)
+    assert fake.tokens_sent < 200
+
+
 @pytest.mark.parametrize("method, path", [
     ("POST", "/api/pull"), ("POST", "/api/push"), ("POST", "/api/create"),
     ("POST", "/api/copy"), ("DELETE", "/api/delete"), ("POST", "/api/blobs/sha256:abc"),
@@ -149,14 +180,18 @@ def test_model_management_is_refused(server: Gunicorn, fake: FakeOllama, method:
 
 
 def test_bad_bodies_get_ollama_shaped_errors(server: Gunicorn, fake: FakeOllama) -> None:
-    for body, status in ((b"{nope", 400), (b'{"stream": "yes"}', 400),
-                         (b'{"model": "m", "options": {"num_predict": "lots"}}', 400)):
-        response = requests.post(server.url + "/api/chat", data=body, timeout=5)
-        assert response.status_code == status
+    cases = [("/api/chat", b"{nope"), ("/api/chat", b'{"stream": "yes"}'),
+             ("/api/chat", b'{"model": "m", "options": {"num_predict": "lots"}}'),
+             ("/api/generate", b'{"options": [1]}'), ("/api/generate", b""),
+             ("/api/show", b'{"model": 7}'), ("/api/show", b"[" * 5000),
+             ("/api/show", b'{"name": ["x"]}')]
+    for path, body in cases:
+        response = requests.post(server.url + path, data=body, timeout=5)
+        assert response.status_code == 400, (path, body[:50])
         assert isinstance(response.json()["error"], str)
     missing = requests.get(server.url + "/api/nothing-here", timeout=5)
     assert missing.status_code == 404 and isinstance(missing.json()["error"], str)
-    assert [r for r in fake.requests if r["_path"] == "/api/chat"] == []
+    assert list(fake.requests) == []
 
 
 def test_a_full_queue_is_429(client: ollama.Client, server: Gunicorn, fake: FakeOllama) -> None:

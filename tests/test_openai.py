@@ -7,7 +7,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import requests
 from flask import Flask
 from werkzeug.exceptions import Unauthorized
 
-from .conftest import unused_port
+from .conftest import state, unused_port
 from .fake_ollama import FakeOllama, Script
 from .live_server import Gunicorn, serving
 
@@ -300,6 +300,12 @@ def test_memory_only_with_a_conversation_header(
     ({"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]},
      "messages.0.tool_call_id"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    *[({"messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "f", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "x"}]},
+       "messages.0.tool_calls.0.function.arguments")
+      for arguments in ("[1, 2]", "{not json", "[" * 5000)],
 ])
 def test_bad_requests_are_400(client: openai.OpenAI, fake: FakeOllama,
                               params: dict[str, Any], param: str) -> None:
@@ -379,6 +385,64 @@ def test_an_error_after_the_stream_started_is_one_event(
         "param": None, "code": "upstream_error"}}
 
 
+def test_reasoning_is_an_extra_field(client: openai.OpenAI, server: Gunicorn,
+                                     fake: FakeOllama) -> None:
+    fake.script = Script(thinking=["Let me ", "see."], tokens=["Yes."])
+    message = ask(client).choices[0].message
+    assert message.content == "Yes." and message.model_extra == {"reasoning": "Let me see."}
+    events = sse_events(server, {"model": MODEL, "stream": True,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+    assert deltas == [{"role": "assistant", "content": ""}, {"reasoning": "Let me "},
+                      {"reasoning": "see."}, {"content": "Yes."}, {}]
+
+
+def test_a_failure_after_a_keep_alive_is_an_event(server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(first_token_delay=2.5, error_after=0)  # the heartbeat is 1 s
+    response = requests.post(server.url + "/v1/chat/completions", timeout=10, json={
+        "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200
+    assert response.text.startswith(": keep-alive\n\n")
+    assert response.text.endswith('"code":"upstream_error"}}\n\n')
+    assert "[DONE]" not in response.text
+
+
+def test_cancel_a_v1_stream(server: Gunicorn, fake: FakeOllama, conversation_id: str) -> None:
+    fake.script = Script(tokens=[f"t{i} " for i in range(100)], token_delay=0.05)
+    with requests.post(server.url + "/v1/chat/completions", stream=True, timeout=10,
+                       headers={"X-Conversation-Id": conversation_id}, json={
+                           "model": MODEL, "stream": True,
+                           "messages": [{"role": "user", "content": "hi"}]}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith(b"data: ")
+        cancelled = requests.post(server.url + f"/chat/{conversation_id}/cancel", timeout=5)
+        assert cancelled.status_code == 200
+        rest = [line for line in lines if line]
+    assert json.loads(rest[-1][len(b"data: "):])["error"]["code"] == "cancelled"
+    assert fake.client_closed.wait(5)
+
+
+def test_a_cancel_before_the_reply_sticks(
+    client: openai.OpenAI, server: Gunicorn, fake: FakeOllama, conversation_id: str
+) -> None:
+    fake.script = Script(first_token_delay=30)
+    timer = threading.Timer(0.5, requests.post, args=(
+        server.url + f"/chat/{conversation_id}/cancel",), kwargs={"timeout": 5})
+    timer.start()
+    try:
+        # The SDK would retry a 409; with x-should-retry: false it does not, even when told
+        # it may retry.
+        with pytest.raises(openai.ConflictError) as info:
+            client.with_options(max_retries=2).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"X-Conversation-Id": conversation_id})
+    finally:
+        timer.join()
+    assert info.value.code == "cancelled"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.chat_requests()) == 1
+
+
 def test_a_slow_first_token_gets_keep_alives(server: Gunicorn, fake: FakeOllama) -> None:
     fake.script = Script(first_token_delay=2.5)  # the heartbeat is 1 s
     response = requests.post(server.url + "/v1/chat/completions", timeout=10, json={
@@ -432,6 +496,34 @@ def test_ollama_not_running_is_503(tmp_path: Path) -> None:
                 ask(client, stream=stream)
             assert info.value.status_code == 503
             assert info.value.code == "upstream_unavailable"
+        with pytest.raises(openai.InternalServerError) as info:
+            client.models.list()
+        assert info.value.status_code == 503
+
+
+def test_failed_streams_give_their_slot_back(app: Flask, fake_ollama: FakeOllama) -> None:
+    client = app.test_client()
+    fake_ollama.script = Script(status=500)
+    bodies = [{"model": "not-installed:1b"}, {"model": MODEL}, {"model": "agent:nobody"},
+              {"model": "PI-AGENT-TOKEN"}]
+    for body in bodies:
+        response = client.post("/v1/chat/completions", json={
+            **body, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code in (404, 502)
+    admission = state(app).admission
+    assert (admission.running, admission.waiting) == (0, 0)
+    assert not state(app).running.cancel("any")
+
+
+def test_an_agent_whose_model_is_missing_is_502(make_app: Callable[..., Flask]) -> None:
+    client = make_app(MODEL="missing:1b").test_client()
+    for stream in (False, True):
+        response = client.post("/v1/chat/completions", json={
+            "model": "agent:general", "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 502
+        error = response.get_json()["error"]
+        assert error["code"] == "model_not_found" and "ollama pull missing:1b" in error["message"]
 
 
 @pytest.mark.parametrize("error, status, kind, code", [

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from datetime import datetime
 import logging
 import re
 import socket
@@ -16,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, Literal
 
 import requests
@@ -218,6 +218,7 @@ class OllamaProvider:
             headers={"Content-Type": "application/json"} if body is not None else {},
         )
         _current.abort = abort
+        started = time.perf_counter()
         try:
             response = self._adapter.send(self.session.prepare_request(request), stream=True,
                                           timeout=(self.timeout[0], read_timeout))
@@ -225,6 +226,8 @@ class OllamaProvider:
             raise _translate(exc) from exc
         finally:
             _current.abort = None
+        logger.info("ollama %s %s (forwarded) status=%d after %.0f ms", method, path,
+                    response.status_code, (time.perf_counter() - started) * 1000)
         return OllamaForwarded(response)
 
     def close(self) -> None:
