@@ -1,7 +1,8 @@
 """Gunicorn settings for Pi Agent Server: one gevent worker, made for long streams.
 
-Imports only pi_agent.config, which loads neither ssl nor requests: the gevent worker
-patches the standard library after the fork, and modules loaded before it stay unpatched.
+Imports only pi_agent.config, pi_agent.keys and pi_agent.exposure, which load neither ssl
+nor requests: the gevent worker patches the standard library after the fork, and modules
+loaded before it stay unpatched.
 """
 import sys
 
@@ -32,6 +33,24 @@ loglevel = _settings.log_level.lower()
 # gunicorn 24+ opens a control socket in a shared path by default; nothing here uses it, and
 # two servers on one machine would fight over it. Older versions ignore the name.
 control_socket_disable = True
+
+
+def on_starting(server):
+    """Refuse to listen beyond loopback without API keys (see pi_agent/exposure.py), on
+    the addresses gunicorn will bind, -b included."""
+    from pi_agent.exposure import refusal
+    from pi_agent.keys import KeyFileError
+
+    try:
+        # Read again: gunicorn has applied its -e variables to the environment by now.
+        settings = load_settings()
+        reason = refusal(server.cfg.bind, settings)
+    except (ConfigError, KeyFileError) as exc:
+        reason = str(exc)
+    if reason:
+        sys.exit(f"pi-agent: {reason}")
+    if settings.auth == "off":
+        server.log.warning("pi-agent: PI_AGENT_AUTH=off: every request is served without a key")
 
 
 def post_worker_init(worker):

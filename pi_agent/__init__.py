@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .config import load_settings, setting_keys
+from .config import ConfigError, load_settings, setting_keys
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -25,11 +26,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # Flask and requests import ssl. They load here rather than at the top because
     # gunicorn.conf.py imports pi_agent.config in the master, before gevent patches ssl.
     from flask import Flask
+    from flask_cors import CORS
 
-    from . import agents, chat, health, ollama_api, openai_api
+    from . import agents, auth, chat, conversations, health, ollama_api, openai_api, tracing
     from .admission import Admission
     from .errors import register_error_handlers
     from .events import RunningTurns
+    from .keys import KeyFileError, KeyRing
+    from .limits import Limits
     from .lifecycle import Shutdown
     from .streaming import Watchdog
     from .memory import MemoryStore
@@ -52,6 +56,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             ttl_seconds=settings.memory_ttl_minutes * 60,
             max_conversations=settings.memory_max_conversations,
         )
+    keys = None
+    if settings.keys_file and settings.auth == "on":
+        try:
+            keys = KeyRing(settings.keys_file, on_error=logging.getLogger(__name__).error)
+        except KeyFileError as exc:
+            raise ConfigError(f"invalid setting PI_AGENT_KEYS_FILE: {exc}") from None
+    elif settings.auth == "off":
+        logging.getLogger(__name__).warning(
+            "PI_AGENT_AUTH=off: every request is served without an API key")
     provider = PROVIDERS[settings.provider](settings)
     app.extensions[EXTENSION_KEY] = AppState(
         settings=settings,
@@ -65,12 +78,28 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         running=RunningTurns(),
         shutdown=Shutdown(),
         watchdog=Watchdog(),
+        keys=keys,
+        limits=Limits(),
     )
 
     register_error_handlers(app)
+    tracing.init_app(app)
+    auth.init_app(app)
+    # Browsers on other origins get no CORS headers unless their origin is allowed; the
+    # preflight is answered without a key. Keys, not cookies: credentials stay off.
+    # flask-cors reads an origin with brackets (an IPv6 address) as a regular expression.
+    origins = [re.compile(re.escape(o)) if "[" in o else o for o in settings.cors_origins]
+    CORS(app, origins=origins, supports_credentials=False,
+         allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Conversation-Id",
+                        "X-Request-ID"],
+         expose_headers=["X-Conversation-Id", "X-Request-ID", "Retry-After",
+                         "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                         "X-RateLimit-Limit-Tokens", "X-RateLimit-Remaining-Tokens",
+                         "X-RateLimit-Reset-Tokens"])
     app.register_blueprint(health.bp)
     app.register_blueprint(agents.bp)
     app.register_blueprint(chat.bp)
+    app.register_blueprint(conversations.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(ollama_api.bp)
     return app

@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from .auth import allow_agent, current_key, may_use_agent
 from .config import Settings
 from .errors import AgentNotFound
 from .schemas import AgentInfo, AgentList
@@ -89,12 +90,16 @@ def find_agent(name: str) -> Agent:
 
 @bp.get("/agents")
 def list_agents() -> Response:
-    return jsonify(AgentList(agents=list(current_state().agents)).model_dump())
+    """The agents that the request's key may use."""
+    key = current_key()
+    names = [name for name in current_state().agents if may_use_agent(key, name)]
+    return jsonify(AgentList(agents=names).model_dump())
 
 
 @bp.get("/agents/<name>")
 def show_agent(name: str) -> Response:
     agent = find_agent(name)
+    allow_agent(agent.name)
     settings = current_state().settings
     info = AgentInfo(
         name=agent.name,

@@ -11,11 +11,12 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from .agents import Agent, find_agent
 from .config import Settings
-from .errors import ProviderError, TurnNotRunning
+from .auth import allow_agent, allow_model, claim_conversation, current_key
+from .errors import ProviderError, TurnNotRunning, ValidationFailed
 from .events import NDJSON, SSE, EventFormat, EventStream, Timeouts
 from .memory import MemoryStore, Turn
 from .providers.base import ChatCall, ChatStream
-from .schemas import CONVERSATION_ID, Cancelled, ChatReply, ChatRequest, Usage
+from .schemas import CONVERSATION_ID, Cancelled, ChatReply, ChatRequest, FieldProblem, Usage
 from .state import current_state
 from .streaming import StreamBody, TurnWatch, client_probe, never
 from .turns import WatchedTurn
@@ -70,9 +71,14 @@ def cancel(conversation_id: str) -> Response:
 
     :raise 404: no turn of that conversation is queued or running.
     """
-    if not CONVERSATION_ID.fullmatch(conversation_id) or not current_state().running.cancel(
-        conversation_id
-    ):
+    if not CONVERSATION_ID.fullmatch(conversation_id):
+        raise TurnNotRunning()
+    key = current_key()
+    owner = current_state().running.owner(conversation_id)
+    # Another key's turn is not there for this key, unless it is an admin's.
+    if owner is not None and owner != key.id and not key.admin:
+        raise TurnNotRunning()
+    if not current_state().running.cancel(conversation_id):
         raise TurnNotRunning()
     g.conversation_id = conversation_id
     return jsonify(Cancelled(conversation_id=conversation_id, status="cancelling").model_dump())
@@ -80,15 +86,26 @@ def cancel(conversation_id: str) -> Response:
 
 def _answer(events_only: bool) -> Response:
     body = parse_body(ChatRequest)
+    state = current_state()
+    settings = state.settings
+    if len(body.message) > settings.max_message_chars:
+        raise ValidationFailed([FieldProblem(
+            field="message", problem=f"must be at most {settings.max_message_chars} characters")])
+    if body.conversation_id is not None:
+        claim_conversation(body.conversation_id)
     conversation_id = body.conversation_id or str(uuid.uuid4())
     g.conversation_id = conversation_id
     agent = find_agent(body.agent)
-    state = current_state()
-    settings = state.settings
+    allow_agent(agent.name)
+    allow_model(agent.resolve_model(settings))
+    key = current_key()
     fmt = _event_format(events_only or body.stream, default_sse=events_only)
     probe = client_probe(request.environ)
     client_gone = probe or never
-    record = _recorder(state.memory, conversation_id, body.message)
+    record = _recorder(state.memory, conversation_id, body.message, key.id)
+
+    def count(tokens: int) -> None:
+        state.limits.add_tokens(key, tokens)
 
     if fmt is not None:
         admission = state.admission
@@ -99,13 +116,13 @@ def _answer(events_only: bool) -> Response:
             return build_call(agent, settings, history, body.message)
 
         # Registered now, not when the body starts: a cancel may come before that.
-        cancel = state.running.add(conversation_id)
+        cancel = state.running.add(conversation_id, key.id)
         stream = EventStream(
             fmt=fmt, conversation_id=conversation_id, agent=agent.name,
             model=agent.resolve_model(settings), provider=state.provider,
             admission=admission, ticket=ticket, cancel=cancel,
             make_call=make_call, record=record, client_gone=client_gone,
-            shutdown=state.shutdown,
+            shutdown=state.shutdown, count_tokens=count,
             timeouts=Timeouts(settings.heartbeat_seconds, settings.first_token_timeout,
                               settings.idle_timeout, settings.total_timeout),
         )
@@ -123,7 +140,7 @@ def _answer(events_only: bool) -> Response:
 
     # A plain-text or non-stream turn: registered for cancel, and watched, since it writes
     # nothing to its client until its reply (or its next token) comes.
-    turn = WatchedTurn(state, conversation_id, probe)
+    turn = WatchedTurn(state, conversation_id, probe, key.id)
     streaming = False
     try:
         watch = turn.begin()
@@ -140,7 +157,7 @@ def _answer(events_only: bool) -> Response:
                 turn.release()
 
             return Response(
-                StreamBody(relay_text(text_stream, record, finish, watch), finish),
+                StreamBody(relay_text(text_stream, record, count, finish, watch), finish),
                 content_type="text/plain; charset=utf-8",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 # The relay yields bytes already: hand it to the WSGI server as it is,
@@ -152,6 +169,7 @@ def _answer(events_only: bool) -> Response:
         if not streaming:
             turn.release()
     record(result.content, False, result.done_reason)
+    count(result.completion_tokens)
     reply = ChatReply(
         reply=result.content,
         conversation_id=conversation_id,
@@ -191,7 +209,8 @@ def remembered_messages(history: list[Turn]) -> list[dict[str, Any]]:
 
 
 def relay_text(
-    stream: ChatStream, record: Recorder, finish: Callable[[], None], watch: TurnWatch
+    stream: ChatStream, record: Recorder, count: Callable[[int], None],
+    finish: Callable[[], None], watch: TurnWatch,
 ) -> Iterator[bytes]:
     """Yield each token as UTF-8 as it arrives; close the upstream however the stream ends.
 
@@ -202,10 +221,12 @@ def relay_text(
     ``finish`` closes the upstream and gives the generation slot back, in that order.
     """
     pieces: list[str] = []
+    chunks = 0
     done_reason = ""
     failed = False
     try:
         for chunk in stream:
+            chunks += 1
             watch.last_chunk = now = time.monotonic()
             # Thinking chunks carry empty content, so they are never written as answer text.
             if chunk.content:
@@ -217,6 +238,7 @@ def relay_text(
                 watch.writing = False
             if chunk.done:
                 done_reason = chunk.done_reason
+                count(chunk.completion_tokens)
         if done_reason == "length":
             yield TRUNCATED_LINE
     except ProviderError as exc:
@@ -238,8 +260,10 @@ def relay_text(
         # finds this one in its history.
         if done_reason:
             record("".join(pieces), False, done_reason)
-        elif not failed:
-            record("".join(pieces), True, "")
+        else:
+            if not failed:
+                record("".join(pieces), True, "")
+            count(chunks)  # cut short, it counts as what it relayed
         finish()
 
 
@@ -260,13 +284,16 @@ def _event_format(streaming: bool, default_sse: bool) -> EventFormat | None:
     return None
 
 
-def _recorder(memory: MemoryStore | None, conversation_id: str, message: str) -> Recorder:
+def _recorder(
+    memory: MemoryStore | None, conversation_id: str, message: str, owner: str
+) -> Recorder:
     def record(answer: str, partial: bool, done_reason: str) -> None:
         # Only an answer the model gave is remembered: an empty one, or a failed turn, is not.
         if memory is not None and answer:
             memory.append_turn(
                 conversation_id,
                 Turn(user=message, assistant=answer, partial=partial, done_reason=done_reason),
+                owner,
             )
 
     return record

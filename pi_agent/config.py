@@ -114,6 +114,24 @@ def _keep_alive(value: Any) -> int | str:
     return text
 
 
+def _path(value: Any) -> str:
+    if not isinstance(value, str) or "\0" in value:
+        raise ValueError("must be a file path, or empty for none")
+    return value.strip()
+
+
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(:\d{1,5})?")
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    origins = tuple(str(item).strip().rstrip("/") for item in items if str(item).strip())
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ValueError(f"{origin!r} is not an origin such as https://example.org:8443")
+    return origins
+
+
 def _setting(default: Any, parse: Parser) -> Any:
     return field(default=default, metadata={"parse": parse})
 
@@ -145,6 +163,15 @@ class Settings:
     ready_cache_seconds: float = _setting(5.0, _number(0, 3600))
     bind: str = _setting("127.0.0.1:8000", _text(200))
     log_level: str = _setting("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    # Security (see keys.py and auth.py). No keys file: no keys, and loopback only.
+    keys_file: str = _setting("", _path)
+    auth: str = _setting("on", _choice("on", "off"))
+    cors_origins: tuple[str, ...] = _setting((), _origins)
+    # Bounds on what a request may ask, checked before any call to Ollama.
+    max_message_chars: int = _setting(4000, _integer(1, 1_000_000))
+    max_messages: int = _setting(64, _integer(1, 10_000))
+    max_tools: int = _setting(32, _integer(0, 1000))
+    max_num_ctx: int = _setting(8192, _integer(128, 1_048_576))
 
 
 def load_settings(

@@ -70,6 +70,59 @@ class AgentNotFound(PiAgentError):
         super().__init__(f"unknown agent {name!r}: GET /agents lists the agents")
 
 
+class Unauthenticated(PiAgentError):
+    """No key, or not a valid one. Which of the two is not said: that would help a guesser."""
+
+    code = 401
+    error_code = "invalid_api_key"
+    description = ("a valid API key is required: send it as X-API-Key: <key> or "
+                   "Authorization: Bearer <key>")
+
+    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        return [*super().get_headers(*args, **kwargs), ("WWW-Authenticate", "Bearer")]
+
+
+class LocalOnly(PiAgentError):
+    """The server has no API keys, so it serves its own machine only."""
+
+    code = 403
+    error_code = "local_only"
+    description = ("this server has no API keys and serves its own machine only: create a key "
+                   "(python -m pi_agent keys create) and set PI_AGENT_KEYS_FILE")
+
+
+class NotAllowed(PiAgentError):
+    """The key is valid but its scopes do not cover this agent, model or route."""
+
+    code = 403
+    error_code = "permission_denied"
+
+    def __init__(self, what: str, param: str | None = None) -> None:
+        super().__init__(f"this API key may not use {what}", param=param)
+
+
+class RateLimited(PiAgentError):
+    """The key used up its requests per minute or its completion tokens for the day."""
+
+    code = 429
+    error_code = "rate_limited"
+
+    def __init__(self, description: str, retry_after: int) -> None:
+        super().__init__(description)
+        self.retry_after = retry_after
+
+    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        return [*super().get_headers(*args, **kwargs), ("Retry-After", str(self.retry_after))]
+
+
+class ConversationNotFound(PiAgentError):
+    """No conversation of that id that this key may see."""
+
+    code = 404
+    error_code = "conversation_not_found"
+    description = "no such conversation"
+
+
 class UnknownModel(PiAgentError):
     """No installed model and no agent has that name (OpenAI's ``model_not_found``)."""
 

@@ -110,22 +110,30 @@ class Cancel:
 
 
 class RunningTurns:
-    """The streamed turns under way, by conversation id (admission allows one each)."""
+    """The turns under way, by conversation id (admission allows one each), and the key
+    that each belongs to."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._turns: dict[str, Cancel] = {}
+        self._owners: dict[str, str] = {}
 
-    def add(self, conversation_id: str) -> Cancel:
+    def add(self, conversation_id: str, owner: str = "local") -> Cancel:
         cancel = Cancel()
         with self._lock:
             self._turns[conversation_id] = cancel
+            self._owners[conversation_id] = owner
         return cancel
+
+    def owner(self, conversation_id: str) -> str | None:
+        with self._lock:
+            return self._owners.get(conversation_id)
 
     def remove(self, conversation_id: str, cancel: Cancel) -> None:
         with self._lock:
             if self._turns.get(conversation_id) is cancel:
                 del self._turns[conversation_id]
+                del self._owners[conversation_id]
 
     def cancel(self, conversation_id: str) -> bool:
         """Ask the running turn of the conversation to stop; False if there is none."""
@@ -164,6 +172,8 @@ class EventStream:
     # that leaves is noticed before the next heartbeat would fail to reach it.
     client_gone: Callable[[], bool]
     shutdown: Shutdown
+    # Counts the turn's completion tokens against its key's daily limit.
+    count_tokens: Callable[[int], None] = lambda tokens: None
     # Why the stream ended in an error event, once it has.
     failure: PiAgentError | None = None
 
@@ -175,6 +185,7 @@ class EventStream:
         cancel = self.cancel
         generation: Generation | None = None
         pieces: list[str] = []
+        chunks = 0  # chunks relayed, about one token each, for a turn that never finishes
         outcome = "disconnected"
         try:
             yield fmt.start(self.conversation_id, self.agent, self.model)
@@ -253,6 +264,7 @@ class EventStream:
                 if first_token_ms is None:
                     first_token_ms = _ms(now - began)
                 deadline = now + timeouts.idle
+                chunks += 1
                 if item.content:
                     pieces.append(item.content)
                 if not item.done:
@@ -263,6 +275,7 @@ class EventStream:
                     continue
                 outcome = "done"
                 self.record("".join(pieces), False, item.done_reason)
+                self.count_tokens(item.completion_tokens)
                 # The last chunk may carry text too: the encoder writes it with the end.
                 yield fmt.done(item, self.conversation_id, {
                     "queue_ms": queue_ms, "first_token_ms": first_token_ms,
@@ -274,6 +287,9 @@ class EventStream:
                 generation.stop(graceful=outcome == "done")
             if outcome in ("disconnected", "cancelled"):
                 self.record("".join(pieces), True, "")
+            if outcome != "done":
+                # A turn cut short was generated all the same: it counts as what it relayed.
+                self.count_tokens(chunks)
             self.admission.leave(self.ticket)
 
     def _fail(self, exc: PiAgentError) -> bytes:

@@ -22,11 +22,12 @@ class Turn:
 
 
 class _Conversation:
-    __slots__ = ("turns", "last_used")
+    __slots__ = ("turns", "last_used", "owner")
 
-    def __init__(self, max_turns: int, now: float) -> None:
+    def __init__(self, max_turns: int, now: float, owner: str) -> None:
         self.turns: deque[Turn] = deque(maxlen=max_turns)
         self.last_used = now
+        self.owner = owner  # the id of the API key that made it
 
 
 class MemoryStore:
@@ -64,14 +65,17 @@ class MemoryStore:
             conversation = self._conversations.get(conversation_id)
             return list(conversation.turns) if conversation is not None else []
 
-    def append_turn(self, conversation_id: str, turn: Turn) -> None:
-        """Remember ``turn`` as the newest of its conversation, evicting what the bounds say."""
+    def append_turn(self, conversation_id: str, turn: Turn, owner: str = "local") -> None:
+        """Remember ``turn`` as the newest of its conversation, evicting what the bounds say.
+
+        A new conversation belongs to ``owner``, the id of the API key that made it.
+        """
         with self._lock:
             now = self._clock()
             self._expire(now)
             conversation = self._conversations.get(conversation_id)
             if conversation is None:
-                conversation = _Conversation(self.max_turns, now)
+                conversation = _Conversation(self.max_turns, now, owner)
                 self._conversations[conversation_id] = conversation
                 while len(self._conversations) > self.max_conversations:
                     self._conversations.popitem(last=False)
@@ -79,6 +83,25 @@ class MemoryStore:
                 conversation.last_used = now
                 self._conversations.move_to_end(conversation_id)
             conversation.turns.append(turn)
+
+    def owner(self, conversation_id: str) -> str | None:
+        """The id of the key whose conversation it is; None if it is not remembered."""
+        with self._lock:
+            self._expire(self._clock())
+            conversation = self._conversations.get(conversation_id)
+            return conversation.owner if conversation is not None else None
+
+    def list_conversations(self) -> list[tuple[str, str, int]]:
+        """Every remembered conversation as (id, owner, turns), most recently used first."""
+        with self._lock:
+            self._expire(self._clock())
+            return [(cid, c.owner, len(c.turns))
+                    for cid, c in reversed(self._conversations.items())]
+
+    def forget(self, conversation_id: str) -> bool:
+        """Forget a conversation; return whether there was one."""
+        with self._lock:
+            return self._conversations.pop(conversation_id, None) is not None
 
     def __len__(self) -> int:
         with self._lock:

@@ -12,15 +12,23 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
 from pydantic import BaseModel, ConfigDict, StrictBool
 
-from .errors import InvalidRequest, ModelManagementRefused, ProviderError
+from .auth import allow_model, current_key, may_use_model
+from .config import Settings
+from .errors import (
+    InvalidRequest,
+    ModelManagementRefused,
+    ProviderError,
+    UpstreamProtocolError,
+    ValidationFailed,
+)
 from .providers.base import Forwarded
-from .schemas import OllamaErrorBody
+from .schemas import FieldProblem, OllamaErrorBody
 from .state import current_state
 from .streaming import StreamBody, TurnWatch, client_probe
 from .turns import STOPPED, WatchedTurn
@@ -35,15 +43,35 @@ MANAGEMENT_ROUTES = {
 }
 
 
+# Sampling options and the values they may take here. Load-time options are refused: a
+# change reloads the model, which takes minutes on a Pi and stalls every other client.
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0, 2), "top_p": (0, 1), "min_p": (0, 1), "typical_p": (0, 1),
+    "top_k": (0, 1000), "repeat_penalty": (0, 10), "presence_penalty": (-2, 2),
+    "frequency_penalty": (-2, 2), "repeat_last_n": (-1, 1_048_576), "num_keep": (-1, 1_048_576),
+    "seed": (-(2**63), 2**63 - 1),
+}
+LOAD_TIME_OPTIONS = {"num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock",
+                     "numa", "low_vram", "vocab_only", "f16_kv"}
+MAX_STOP_SEQUENCES = 16
+
+
 class GenerationRequest(BaseModel):
     """``/api/chat`` and ``/api/generate``: only what the gateway reads is checked; every
     other field goes to Ollama as it came."""
 
     model_config = ConfigDict(extra="allow")
 
+    model: str = ""
     stream: StrictBool | None = None
     options: dict[str, Any] | None = None
     keep_alive: int | float | str | None = None
+    prompt: str | None = None
+    system: str | None = None
+    template: str | None = None
+    suffix: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
 
 
 class ShowRequest(BaseModel):
@@ -62,12 +90,24 @@ def root() -> Response:
 @bp.get("/api/tags")
 @bp.get("/api/ps")
 def read_only() -> Response:
-    return _relay_whole("GET", request.path)
+    response = _relay_whole("GET", request.path)
+    key = current_key()
+    if key.models is not None and request.path != "/api/version" and response.status_code == 200:
+        # A key limited to some models sees only those: the rest is not its business.
+        try:
+            listing = json.loads(response.get_data())
+            listing["models"] = [m for m in listing["models"] if isinstance(m, dict)
+                                 and may_use_model(key, str(m.get("name") or m.get("model")))]
+        except (ValueError, TypeError, KeyError):
+            raise UpstreamProtocolError() from None
+        response.set_data(json.dumps(listing, separators=(",", ":")))
+    return response
 
 
 @bp.post("/api/show")
 def show() -> Response:
     body = parse_body(ShowRequest, any_content_type=True)
+    allow_model(body.model or body.name or "")
     return _relay_whole("POST", "/api/show", _encode(_given(body)))
 
 
@@ -78,12 +118,11 @@ def generate() -> Response:
     body = parse_body(GenerationRequest, any_content_type=True)
     state = current_state()
     settings = state.settings
+    _check_bounds(body, settings)
+    allow_model(body.model)
     payload = _given(body)
     options = dict(body.options or {})
     num_predict = options.get("num_predict", -1)
-    if not isinstance(num_predict, int) or isinstance(num_predict, bool):
-        raise InvalidRequest("options.num_predict must be a whole number",
-                             param="options.num_predict")
     # -1 (Ollama's default) means no limit: the configured cap is the limit then.
     options["num_predict"] = settings.num_predict if num_predict < 0 else min(
         num_predict, settings.num_predict)
@@ -93,7 +132,13 @@ def generate() -> Response:
     streamed = body.stream is not False
     data = _encode(payload)
 
-    turn = WatchedTurn(state, "ollama-" + uuid.uuid4().hex, client_probe(request.environ))
+    key = current_key()
+
+    def count(tokens: int) -> None:
+        state.limits.add_tokens(key, tokens)
+
+    turn = WatchedTurn(state, "ollama-" + uuid.uuid4().hex, client_probe(request.environ),
+                       key.id)
     relaying = False
     try:
         watch = turn.begin()
@@ -106,7 +151,7 @@ def generate() -> Response:
             turn.release()
 
         return Response(
-            StreamBody(_relay_pieces(upstream, watch, lines=streamed), finish),
+            StreamBody(_relay_pieces(upstream, watch, count, lines=streamed), finish),
             status=upstream.status, content_type=upstream.content_type,
             headers={"X-Accel-Buffering": "no"} if streamed else {},
             direct_passthrough=True,
@@ -135,16 +180,22 @@ def _relay_whole(method: str, path: str, body: bytes | None = None) -> Response:
     return Response(content, status=upstream.status, content_type=upstream.content_type)
 
 
-def _relay_pieces(upstream: Forwarded, watch: TurnWatch, lines: bool) -> Iterator[bytes]:
+def _relay_pieces(upstream: Forwarded, watch: TurnWatch, count: Callable[[int], None],
+                  lines: bool) -> Iterator[bytes]:
     """Yield Ollama's body as it comes. A failure after the status went out is told as
     Ollama tells it in a stream: one more line, ``{"error": "..."}``. A single JSON body
     cut short just ends: a line after half an object would not make it JSON either."""
     finished = False
+    pieces = 0
     try:
         for piece in upstream:
+            pieces += 1
             watch.last_chunk = watch.last_write = time.monotonic()
-            # Ollama writes compact JSON, one object per piece: the last one says this.
-            finished = finished or b'"done":true' in piece
+            # Ollama writes compact JSON, one object per piece: the last one says this,
+            # with the count of tokens generated.
+            if not finished and b'"done":true' in piece:
+                finished = True
+                count(_eval_count(piece))
             # A client that reads slowly holds the write up; that is not Ollama idling.
             watch.writing = True
             yield piece
@@ -156,6 +207,59 @@ def _relay_pieces(upstream: Forwarded, watch: TurnWatch, lines: bool) -> Iterato
             return
         error = STOPPED[reason]() if reason in STOPPED else exc
         yield OllamaErrorBody(error=error.description).model_dump_json().encode() + b"\n"
+    finally:
+        if not finished and upstream.status == 200:
+            count(pieces)  # cut short, it counts as what it relayed: about a token a line
+
+
+def _check_bounds(body: GenerationRequest, settings: Settings) -> None:
+    """:raise ValidationFailed: 400 (Ollama's API has no 422) for what is out of bounds."""
+    problems = []
+
+    def refuse(field: str, problem: str) -> None:
+        problems.append(FieldProblem(field=field, problem=problem))
+
+    for name in ("prompt", "system", "template", "suffix"):
+        text = getattr(body, name)
+        if text is not None and len(text) > settings.max_message_chars:
+            refuse(name, f"must be at most {settings.max_message_chars} characters")
+    for i, message in enumerate((body.messages or [])[:settings.max_messages]):
+        content = message.get("content")
+        if isinstance(content, str) and len(content) > settings.max_message_chars:
+            refuse(f"messages.{i}.content",
+                   f"must be at most {settings.max_message_chars} characters")
+    if body.messages is not None and len(body.messages) > settings.max_messages:
+        refuse("messages", f"must be at most {settings.max_messages} messages")
+    if body.tools is not None and len(body.tools) > settings.max_tools:
+        refuse("tools", f"must be at most {settings.max_tools} tools")
+    for name, value in (body.options or {}).items():
+        field = f"options.{name}"[:100]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if name in LOAD_TIME_OPTIONS:
+            refuse(field, "is a load-time option, which the gateway does not pass on: a "
+                          "change reloads the model")
+        elif name == "num_predict" and (not isinstance(value, int) or isinstance(value, bool)):
+            refuse(field, "must be a whole number")
+        elif name == "num_ctx" and not (isinstance(value, int) and not isinstance(value, bool)
+                                        and 1 <= value <= settings.max_num_ctx):
+            refuse(field, f"must be a whole number from 1 to {settings.max_num_ctx}")
+        elif name in OPTION_RANGES and not (number and OPTION_RANGES[name][0] <= value
+                                            <= OPTION_RANGES[name][1]):
+            low, high = OPTION_RANGES[name]
+            refuse(field, f"must be a number from {low:g} to {high:g}")
+        elif name == "stop" and not (isinstance(value, list) and len(value) <= MAX_STOP_SEQUENCES
+                                     and all(isinstance(v, str) for v in value)):
+            refuse(field, f"must be a list of at most {MAX_STOP_SEQUENCES} strings")
+    if problems:
+        raise ValidationFailed(problems[:20])
+
+
+def _eval_count(piece: bytes) -> int:
+    try:
+        count = json.loads(piece).get("eval_count", 0)
+    except (ValueError, AttributeError, RecursionError):
+        return 0
+    return count if isinstance(count, int) else 0
 
 
 def _given(body: BaseModel) -> dict[str, Any]:

@@ -20,7 +20,16 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 
 from .agents import Agent, base_options
+from .auth import (
+    allow_agent,
+    allow_model,
+    claim_conversation,
+    current_key,
+    may_use_agent,
+    may_use_model,
+)
 from .chat import Recorder, remembered_messages
+from .config import Settings
 from .errors import (
     ClientGone,
     InvalidRequest,
@@ -29,6 +38,7 @@ from .errors import (
     ProviderError,
     UnknownModel,
     UpstreamError,
+    ValidationFailed,
     openai_error,
 )
 from .events import EventStream, Timeouts
@@ -55,7 +65,7 @@ from .openai_schemas import (
     ResponseToolCall,
 )
 from .providers.base import ChatCall, ChatChunk, ToolCall
-from .schemas import CONVERSATION_ID
+from .schemas import CONVERSATION_ID, FieldProblem
 from .state import AppState, current_state
 from .streaming import StreamBody, client_probe, never
 from .turns import WatchedTurn
@@ -86,26 +96,34 @@ def chat_completions() -> Response:
         raise InvalidRequest("stream_options is only allowed with stream: true",
                              param="stream_options")
     state = current_state()
+    settings = state.settings
+    _check_bounds(body, settings)
+    _allow(body.model, state)
     conversation_id = _conversation_id()
     call = build_call(body, state, conversation_id)
     user_text = _last_user_text(body.messages)
     memory = state.memory if conversation_id else None
+    key = current_key()
 
     def record(answer: str, partial: bool, done_reason: str) -> None:
         # As in /chat, only an answer the model gave is remembered, and only as the answer
         # to a user's message.
         if memory is not None and conversation_id and answer and user_text:
             memory.append_turn(conversation_id, Turn(user=user_text, assistant=answer,
-                                                     partial=partial, done_reason=done_reason))
+                                                     partial=partial, done_reason=done_reason),
+                               key.id)
+
+    def count(tokens: int) -> None:
+        state.limits.add_tokens(key, tokens)
 
     # Admission keeps one turn per conversation; a stateless request is its own.
     turn_id = conversation_id or "openai-" + uuid.uuid4().hex
     probe = client_probe(request.environ)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _stream(state, call, body.model, turn_id, record, probe, include_usage)
+        return _stream(state, call, body.model, turn_id, record, count, probe, include_usage)
 
-    turn = WatchedTurn(state, turn_id, probe)
+    turn = WatchedTurn(state, turn_id, probe, key.id)
     try:
         turn.begin()
         result = turn.run(lambda abort: state.provider.chat(call, abort))
@@ -114,6 +132,7 @@ def chat_completions() -> Response:
     finally:
         turn.release()
     record(result.content, False, result.done_reason)
+    count(result.completion_tokens)
     message: dict[str, Any] = {"role": "assistant", "content": result.content, "refusal": None}
     if result.tool_calls:
         message["content"] = result.content or None
@@ -137,6 +156,7 @@ def chat_completions() -> Response:
 
 @bp.get("/models")
 def list_models() -> Response:
+    """The installed models and the agents that the request's key may use."""
     return _json(ModelList(object="list", data=_models(current_state())).model_dump_json())
 
 
@@ -252,8 +272,9 @@ def _content(content: str | list[ContentPart] | None, param: str) -> tuple[str, 
     return "\n".join(texts), images
 
 
-def _stream(state: AppState, call: ChatCall, model: str, turn_id: str,
-            record: Recorder, probe: Callable[[], bool] | None, include_usage: bool) -> Response:
+def _stream(state: AppState, call: ChatCall, model: str, turn_id: str, record: Recorder,
+            count: Callable[[int], None], probe: Callable[[], bool] | None,
+            include_usage: bool) -> Response:
     """Answer with chat.completion.chunk events.
 
     The response starts with the model's first output, or with a keep-alive comment once
@@ -264,7 +285,7 @@ def _stream(state: AppState, call: ChatCall, model: str, turn_id: str,
     settings = state.settings
     encoder = OpenAIChunks(model, include_usage)
     ticket = state.admission.enter(turn_id)
-    cancel = state.running.add(turn_id)
+    cancel = state.running.add(turn_id, current_key().id)
     events: Generator[bytes, None, None] | None = None
 
     def finish() -> None:
@@ -278,7 +299,7 @@ def _stream(state: AppState, call: ChatCall, model: str, turn_id: str,
             fmt=encoder, conversation_id=turn_id, agent="", model=call.model,
             provider=state.provider, admission=state.admission, ticket=ticket, cancel=cancel,
             make_call=lambda: call, record=record, client_gone=probe or never,
-            shutdown=state.shutdown,
+            shutdown=state.shutdown, count_tokens=count,
             timeouts=Timeouts(settings.heartbeat_seconds, settings.first_token_timeout,
                               settings.idle_timeout, settings.total_timeout),
         )
@@ -404,11 +425,44 @@ def _for_client(exc: PiAgentError, model: str) -> PiAgentError:
 
 
 def _models(state: AppState) -> list[ModelObject]:
+    key = current_key()
     models = [ModelObject(id=m.name, object="model", created=m.modified_at, owned_by="library")
-              for m in state.provider.list_models()]
+              for m in state.provider.list_models() if may_use_model(key, m.name)]
     models += [ModelObject(id=AGENT_PREFIX + name, object="model", created=STARTED,
-                           owned_by="pi-agent") for name in state.agents]
+                           owned_by="pi-agent") for name, agent in state.agents.items()
+               if may_use_agent(key, name)
+               and may_use_model(key, agent.resolve_model(state.settings))]
     return models
+
+
+def _check_bounds(body: ChatCompletionRequest, settings: Settings) -> None:
+    """:raise ValidationFailed: 400 here, for more messages or tools, or a longer message,
+    than the configuration allows."""
+    problems = []
+    if len(body.messages) > settings.max_messages:
+        problems.append(FieldProblem(
+            field="messages", problem=f"must be at most {settings.max_messages} messages"))
+    if body.tools and len(body.tools) > settings.max_tools:
+        problems.append(FieldProblem(
+            field="tools", problem=f"must be at most {settings.max_tools} tools"))
+    for i, message in enumerate(body.messages[:settings.max_messages]):
+        if len(_content(message.content, f"messages.{i}.content")[0]) > (
+                settings.max_message_chars):
+            problems.append(FieldProblem(
+                field=f"messages.{i}.content",
+                problem=f"must be at most {settings.max_message_chars} characters"))
+    if problems:
+        raise ValidationFailed(problems[:20])
+
+
+def _allow(model: str, state: AppState) -> None:
+    """:raise NotAllowed: 403 if the key may not use the model, or the agent and its model."""
+    agent = state.agents.get(model[len(AGENT_PREFIX):]) if model.startswith(AGENT_PREFIX) else None
+    if agent is not None:
+        allow_agent(agent.name, param="model")
+        allow_model(agent.resolve_model(state.settings))
+    elif not model.startswith(AGENT_PREFIX):
+        allow_model(model)
 
 
 def _conversation_id() -> str | None:
@@ -419,6 +473,7 @@ def _conversation_id() -> str | None:
     if not CONVERSATION_ID.fullmatch(value):
         raise InvalidRequest("X-Conversation-Id must be 1 to 128 letters, digits, - or _",
                              param="X-Conversation-Id")
+    claim_conversation(value)
     g.conversation_id = value
     return value
 

@@ -6,7 +6,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator
 
-MAX_MESSAGE_CHARS = 4000
+# The hard limit; PI_AGENT_MAX_MESSAGE_CHARS (4000 by default) is checked in the view.
+MAX_MESSAGE_CHARS = 1_000_000
 
 # Letters, digits, "-" and "_" only: a conversation id goes into a response header and the log.
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -58,6 +59,33 @@ class ChatReply(BaseModel):
 
 
 class Cancelled(BaseModel):
+    conversation_id: str
+    status: str
+
+
+class ConversationInfo(BaseModel):
+    conversation_id: str
+    turns: int
+    owner: str | None = None  # the key id, shown to admin keys only
+
+
+class ConversationList(BaseModel):
+    conversations: list[ConversationInfo]
+
+
+class TurnInfo(BaseModel):
+    user: str
+    assistant: str
+    partial: bool
+    done_reason: str
+
+
+class ConversationTurns(BaseModel):
+    conversation_id: str
+    turns: list[TurnInfo]
+
+
+class Forgotten(BaseModel):
     conversation_id: str
     status: str
 

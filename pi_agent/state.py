@@ -9,6 +9,8 @@ from flask import current_app
 
 from .admission import Admission
 from .config import Settings
+from .keys import KeyRing
+from .limits import Limits
 from .lifecycle import Shutdown
 from .streaming import Watchdog
 from .memory import MemoryStore
@@ -25,7 +27,8 @@ EXTENSION_KEY = "pi_agent"
 @dataclass(frozen=True)
 class AppState:
     """The settings, the model provider, the memory (None when disabled), the agents, the
-    readiness check and the admission control."""
+    readiness check, the admission control, the turns under way, the API keys and their
+    limits."""
 
     settings: Settings
     provider: Provider
@@ -36,6 +39,8 @@ class AppState:
     running: RunningTurns
     shutdown: Shutdown
     watchdog: Watchdog
+    keys: KeyRing | None  # None: no key file, local mode
+    limits: Limits
 
 
 def current_state() -> AppState:

@@ -44,13 +44,14 @@ class WatchedTurn:
     """
 
     def __init__(
-        self, state: AppState, conversation_id: str, probe: Callable[[], bool] | None
+        self, state: AppState, conversation_id: str, probe: Callable[[], bool] | None,
+        owner: str,
     ) -> None:
         self._state = state
         self.conversation_id = conversation_id
         self._probe = probe
         self.ticket = state.admission.enter(conversation_id)
-        self._cancel = state.running.add(conversation_id)
+        self._cancel = state.running.add(conversation_id, owner)
         self.abort = Abort()
         self._cancel.attach(self.abort)
         self.watch: TurnWatch | None = None

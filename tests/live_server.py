@@ -54,8 +54,10 @@ class Gunicorn:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited early:\n{self.log.read_text()}")
             if url is None:
-                found = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", self.log.read_text())
-                url = found.group(1) if found else None
+                # A server bound to every address is reached on loopback too.
+                found = re.search(r"Listening at: http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)",
+                                  self.log.read_text())
+                url = f"http://127.0.0.1:{found.group(1)}" if found else None
             if url is not None:
                 try:
                     if requests.get(url + "/health", timeout=1).status_code == 200:

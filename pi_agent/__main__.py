@@ -1,0 +1,4 @@
+"""``python -m pi_agent keys ...``: see pi_agent/cli.py."""
+from .cli import main
+
+raise SystemExit(main())
