@@ -88,7 +88,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # Browsers on other origins get no CORS headers unless their origin is allowed; the
     # preflight is answered without a key. Keys, not cookies: credentials stay off.
     # flask-cors reads an origin with brackets (an IPv6 address) as a regular expression.
-    origins = [re.compile(re.escape(o)) if "[" in o else o for o in settings.cors_origins]
+    origins = [re.compile(re.escape(o) + r"\Z") if "[" in o else o
+               for o in settings.cors_origins]
     CORS(app, origins=origins, supports_credentials=False,
          allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Conversation-Id",
                         "X-Request-ID"],

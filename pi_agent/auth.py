@@ -7,6 +7,7 @@ the one local user, and gunicorn.conf.py lets it listen on loopback only.
 from __future__ import annotations
 
 import logging
+import socket
 
 from flask import Flask, Response, g, request
 
@@ -24,22 +25,24 @@ LOCAL = ApiKey(id=LOCAL_ID, name="local", hash="0" * 64, admin=True)
 
 def init_app(app: Flask) -> None:
     app.before_request(authenticate)
+    app.before_request(count_request)
     app.after_request(add_limit_headers)
 
 
 def authenticate() -> None:
-    """Find the request's key and count the request against its limits.
+    """Find the request's key; without a key file, the local user, for local clients only.
 
     :raise Unauthenticated: 401, the same for a missing, unknown or revoked key.
-    :raise RateLimited: 429 when the key has used up a limit.
+    :raise LocalOnly: 403 in local mode for a client on another machine.
     """
     if request.method == "OPTIONS" or request.path == "/health":
         return
     state = current_state()
     if state.keys is None:
         # Local mode. gunicorn.conf.py binds it to loopback; this also holds where it does
-        # not run (another WSGI server, systemd sockets): no keys, no one from elsewhere.
-        if state.settings.auth == "on" and not is_loopback(request.remote_addr or ""):
+        # not run (another WSGI server, systemd sockets) and behind a reverse proxy on this
+        # machine, which says whom it forwards for.
+        if state.settings.auth == "on" and not _from_this_machine():
             raise LocalOnly()
         g.api_key = LOCAL
         return
@@ -50,11 +53,19 @@ def authenticate() -> None:
         raise Unauthenticated()
     g.api_key = key
     logger.info("%s %s by %s", request.method, request.path[:100], key.id)
+
+
+def count_request() -> None:
+    """Count the request against its key's limits.
+
+    :raise RateLimited: 429 when the key has used up a limit.
+    """
+    key: ApiKey | None = g.get("api_key")
     # Stopping a turn must work also for a key that used up its limits.
-    if request.endpoint == "chat.cancel":
+    if key is None or key is LOCAL or request.endpoint == "chat.cancel":
         return
     try:
-        g.standing = state.limits.admit(key, spends_tokens=request.method == "POST")
+        g.standing = current_state().limits.admit(key, spends_tokens=request.method == "POST")
     except RateLimited:
         logger.info("refused a request of %s: over its limit", key.id)
         raise
@@ -103,9 +114,10 @@ def may_use_agent(key: ApiKey, name: str) -> bool:
     return key.agents is None or name in key.agents
 
 
-def claim_conversation(conversation_id: str, manage: bool = False) -> None:
-    """Check that the request's key may use the conversation: its own, or (for reading,
-    deleting and cancelling, ``manage``) any, with the admin scope.
+def require_conversation(conversation_id: str, manage: bool = False) -> None:
+    """Check that the request's key may use the conversation: its own, or, to ``manage``
+    it (delete it, cancel its turn), any, with the admin scope. A conversation that does
+    not exist yet is there for the taking.
 
     :raise ConversationNotFound: 404, as if another key's conversation did not exist.
     """
@@ -123,6 +135,15 @@ def owner_of(conversation_id: str) -> str | None:
     if owner is None and state.memory is not None:
         owner = state.memory.owner(conversation_id)
     return owner
+
+
+def _from_this_machine() -> bool:
+    if "Forwarded" in request.headers or "X-Forwarded-For" in request.headers:
+        return False
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        return True
+    return is_loopback(request.remote_addr or "")
 
 
 def _presented_key() -> str:

@@ -11,8 +11,8 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from .agents import Agent, find_agent
 from .config import Settings
-from .auth import allow_agent, allow_model, claim_conversation, current_key
-from .errors import ProviderError, TurnNotRunning, ValidationFailed
+from .auth import allow_agent, allow_model, require_conversation, current_key
+from .errors import ConversationNotFound, ProviderError, TurnNotRunning, ValidationFailed
 from .events import NDJSON, SSE, EventFormat, EventStream, Timeouts
 from .memory import MemoryStore, Turn
 from .providers.base import ChatCall, ChatStream
@@ -73,11 +73,10 @@ def cancel(conversation_id: str) -> Response:
     """
     if not CONVERSATION_ID.fullmatch(conversation_id):
         raise TurnNotRunning()
-    key = current_key()
-    owner = current_state().running.owner(conversation_id)
-    # Another key's turn is not there for this key, unless it is an admin's.
-    if owner is not None and owner != key.id and not key.admin:
-        raise TurnNotRunning()
+    try:
+        require_conversation(conversation_id, manage=True)
+    except ConversationNotFound:
+        raise TurnNotRunning() from None  # another key's turn is not there for this one
     if not current_state().running.cancel(conversation_id):
         raise TurnNotRunning()
     g.conversation_id = conversation_id
@@ -92,7 +91,7 @@ def _answer(events_only: bool) -> Response:
         raise ValidationFailed([FieldProblem(
             field="message", problem=f"must be at most {settings.max_message_chars} characters")])
     if body.conversation_id is not None:
-        claim_conversation(body.conversation_id)
+        require_conversation(body.conversation_id)
     conversation_id = body.conversation_id or str(uuid.uuid4())
     g.conversation_id = conversation_id
     agent = find_agent(body.agent)

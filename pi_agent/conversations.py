@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from .auth import claim_conversation, current_key
+from .auth import require_conversation, current_key
 from .errors import ConversationBusy, ConversationNotFound
 from .memory import MemoryStore
 from .schemas import (
@@ -60,5 +60,5 @@ def _find(conversation_id: str, manage: bool) -> MemoryStore:
     if (memory is None or not CONVERSATION_ID.fullmatch(conversation_id)
             or memory.owner(conversation_id) is None):
         raise ConversationNotFound()
-    claim_conversation(conversation_id, manage=manage)
+    require_conversation(conversation_id, manage=manage)
     return memory

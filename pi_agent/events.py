@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from .admission import Admission, Ticket
 from .errors import PiAgentError, ProviderError, ProviderTimeout, ServerShuttingDown, TurnCancelled
 from .generation import Generation
+from .keys import LOCAL_ID
 from .lifecycle import Shutdown
 from .providers.base import Abort, ChatCall, ChatChunk, Provider
 
@@ -118,7 +119,7 @@ class RunningTurns:
         self._turns: dict[str, Cancel] = {}
         self._owners: dict[str, str] = {}
 
-    def add(self, conversation_id: str, owner: str = "local") -> Cancel:
+    def add(self, conversation_id: str, owner: str = LOCAL_ID) -> Cancel:
         cancel = Cancel()
         with self._lock:
             self._turns[conversation_id] = cancel

@@ -7,6 +7,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .keys import LOCAL_ID
+
 
 @dataclass(frozen=True, slots=True)
 class Turn:
@@ -65,7 +67,7 @@ class MemoryStore:
             conversation = self._conversations.get(conversation_id)
             return list(conversation.turns) if conversation is not None else []
 
-    def append_turn(self, conversation_id: str, turn: Turn, owner: str = "local") -> None:
+    def append_turn(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID) -> None:
         """Remember ``turn`` as the newest of its conversation, evicting what the bounds say.
 
         A new conversation belongs to ``owner``, the id of the API key that made it.

@@ -208,8 +208,10 @@ def _relay_pieces(upstream: Forwarded, watch: TurnWatch, count: Callable[[int], 
         error = STOPPED[reason]() if reason in STOPPED else exc
         yield OllamaErrorBody(error=error.description).model_dump_json().encode() + b"\n"
     finally:
-        if not finished and upstream.status == 200:
-            count(pieces)  # cut short, it counts as what it relayed: about a token a line
+        # A stream cut short counts as what it relayed: a line is about a token. A single
+        # JSON body cut short gave its client nothing to use.
+        if not finished and lines and upstream.status == 200:
+            count(pieces)
 
 
 def _check_bounds(body: GenerationRequest, settings: Settings) -> None:

@@ -23,7 +23,7 @@ from .agents import Agent, base_options
 from .auth import (
     allow_agent,
     allow_model,
-    claim_conversation,
+    require_conversation,
     current_key,
     may_use_agent,
     may_use_model,
@@ -289,10 +289,12 @@ def _stream(state: AppState, call: ChatCall, model: str, turn_id: str, record: R
     events: Generator[bytes, None, None] | None = None
 
     def finish() -> None:
-        if events is not None:
-            events.close()  # closes the upstream, then gives the slot back...
-        state.admission.leave(ticket)  # ...which a relay that never started did not do
-        state.running.remove(turn_id, cancel)
+        try:
+            if events is not None:
+                events.close()  # closes the upstream, then gives the slot back...
+        finally:
+            state.admission.leave(ticket)  # ...which a relay that never started did not do
+            state.running.remove(turn_id, cancel)
 
     try:
         stream = EventStream(
@@ -473,7 +475,7 @@ def _conversation_id() -> str | None:
     if not CONVERSATION_ID.fullmatch(value):
         raise InvalidRequest("X-Conversation-Id must be 1 to 128 letters, digits, - or _",
                              param="X-Conversation-Id")
-    claim_conversation(value)
+    require_conversation(value)
     g.conversation_id = value
     return value
 

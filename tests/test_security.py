@@ -359,6 +359,9 @@ def test_without_keys_only_this_machine_is_served(app: Flask) -> None:
     assert client.get("/agents").status_code == 200
     remote = client.get("/agents", environ_base={"REMOTE_ADDR": "192.168.1.20"})
     assert remote.status_code == 403 and remote.get_json()["error"]["code"] == "local_only"
+    # A reverse proxy on this machine forwards for somebody else.
+    proxied = client.get("/agents", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert proxied.status_code == 403
     assert client.get("/health", environ_base={"REMOTE_ADDR": "192.168.1.20"}).status_code == 200
 
 
@@ -539,3 +542,23 @@ def test_openai_and_ollama_clients_with_keys(tmp_path: Path, keys: Keys, fake: F
             client._client.close()
         anonymous = requests.get(server.url + "/api/tags", timeout=5)
         assert anonymous.status_code == 401 and anonymous.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_only_the_owner_or_an_admin_cancels_a_running_turn(
+    tmp_path: Path, keys: Keys, fake: FakeOllama
+) -> None:
+    fake.script = Script(tokens=[f"t{i} " for i in range(200)], token_delay=0.05)
+    with serving(tmp_path / "server.log", OLLAMA_URL=fake.url, KEYS_FILE=str(keys.path)) as server:
+        with requests.post(server.url + "/chat/stream", stream=True, timeout=10,
+                           headers=auth(keys.all),
+                           json={"message": "hi", "conversation_id": "run1"}) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith(b"event: start")
+            other = requests.post(server.url + "/chat/run1/cancel", headers=auth(keys.coder),
+                                  timeout=5)
+            assert other.status_code == 404  # as if no turn were running
+            admin = requests.post(server.url + "/chat/run1/cancel", headers=auth(keys.admin),
+                                  timeout=5)
+            assert admin.status_code == 200
+            rest = b"\n".join(lines)
+        assert b'"code":"cancelled"' in rest
