@@ -85,18 +85,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     tracing.init_app(app)
     auth.init_app(app)
-    # Browsers on other origins get no CORS headers unless their origin is allowed; the
-    # preflight is answered without a key. Keys, not cookies: credentials stay off.
-    # flask-cors reads an origin with brackets (an IPv6 address) as a regular expression.
-    origins = [re.compile(re.escape(o) + r"\Z") if "[" in o else o
-               for o in settings.cors_origins]
-    CORS(app, origins=origins, supports_credentials=False,
-         allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Conversation-Id",
-                        "X-Request-ID"],
-         expose_headers=["X-Conversation-Id", "X-Request-ID", "Retry-After",
-                         "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
-                         "X-RateLimit-Limit-Tokens", "X-RateLimit-Remaining-Tokens",
-                         "X-RateLimit-Reset-Tokens"])
+    if settings.cors_origins:
+        # Browsers on other origins get no CORS headers unless their origin is allowed; the
+        # preflight is answered without a key. Keys, not cookies: credentials stay off.
+        # Without origins there is nothing to add, and no hook runs on every response.
+        # flask-cors reads an origin with brackets (an IPv6 address) as a regular expression.
+        origins = [re.compile(re.escape(o) + r"\Z") if "[" in o else o
+                   for o in settings.cors_origins]
+        CORS(app, origins=origins, supports_credentials=False,
+             allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Conversation-Id",
+                            "X-Request-ID"],
+             expose_headers=["X-Conversation-Id", "X-Request-ID", "Retry-After",
+                             "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                             "X-RateLimit-Limit-Tokens", "X-RateLimit-Remaining-Tokens",
+                             "X-RateLimit-Reset-Tokens"])
     app.register_blueprint(health.bp)
     app.register_blueprint(agents.bp)
     app.register_blueprint(chat.bp)

@@ -5,6 +5,7 @@ whether they come from PI_AGENT_BIND or from gunicorn's own ``-b``. Standard lib
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -12,6 +13,7 @@ from .config import Settings
 from .keys import read_keys
 
 
+@functools.lru_cache(maxsize=1024)  # asked for each request's client in local mode
 def is_loopback(address: str) -> bool:
     """Whether a gunicorn bind address (``host:port``, ``[v6]:port``, ``unix:path``) can be
     reached from this machine only."""
