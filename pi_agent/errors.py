@@ -101,18 +101,23 @@ class NotAllowed(PiAgentError):
         super().__init__(f"this API key may not use {what}", param=param)
 
 
-class RateLimited(PiAgentError):
-    """The key used up its requests per minute or its completion tokens for the day."""
+class TryLater(PiAgentError):
+    """A 429: the request may succeed after ``retry_after`` seconds (the Retry-After header)."""
 
     code = 429
-    error_code = "rate_limited"
 
-    def __init__(self, description: str, retry_after: int) -> None:
+    def __init__(self, retry_after: int, description: str | None = None) -> None:
         super().__init__(description)
         self.retry_after = retry_after
 
     def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
         return [*super().get_headers(*args, **kwargs), ("Retry-After", str(self.retry_after))]
+
+
+class RateLimited(TryLater):
+    """The key used up its requests per minute or its completion tokens for the day."""
+
+    error_code = "rate_limited"
 
 
 class ConversationNotFound(PiAgentError):
@@ -178,19 +183,11 @@ class ConversationBusy(PiAgentError):
     description = "this conversation has a turn in progress: wait for it to end"
 
 
-class QueueFull(PiAgentError):
+class QueueFull(TryLater):
     """Every generation slot is taken and the wait queue is full; retry after Retry-After."""
 
-    code = 429
     error_code = "queue_full"
     description = "the server is busy: every generation slot is taken and the queue is full"
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__()
-        self.retry_after = retry_after
-
-    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
-        return [*super().get_headers(*args, **kwargs), ("Retry-After", str(self.retry_after))]
 
 
 class ClientGone(PiAgentError):

@@ -54,15 +54,15 @@ class Limits:
         with self._lock:
             tokens = self._token_standing(key)
             if spends_tokens and tokens is not None and tokens.remaining <= 0:
-                raise RateLimited("this API key used its completion tokens for today",
-                                  max(1, tokens.reset_seconds))
+                raise RateLimited(max(1, tokens.reset_seconds),
+                                  "this API key used its completion tokens for today")
             requests = None
             if key.rpm is not None:
                 bucket = self._refill(key)
                 if bucket.tokens < 1:
                     wait = math.ceil((1 - bucket.tokens) * 60 / key.rpm)
-                    raise RateLimited(f"this API key may send {key.rpm} requests a minute",
-                                      max(1, wait))
+                    raise RateLimited(max(1, wait),
+                                      f"this API key may send {key.rpm} requests a minute")
                 bucket.tokens -= 1
                 requests = self._request_standing(key, bucket)
             return requests, tokens

@@ -10,8 +10,6 @@ new turn is remembered.
 from __future__ import annotations
 
 import itertools
-import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Generator
@@ -19,16 +17,15 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from .agents import Agent, base_options
 from .auth import (
     allow_agent,
     allow_model,
-    require_conversation,
     current_key,
     may_use_agent,
     may_use_model,
+    require_conversation,
 )
-from .chat import Recorder, remembered_messages
+from .chat import Recorder
 from .config import Settings
 from .errors import (
     ClientGone,
@@ -39,32 +36,30 @@ from .errors import (
     UnknownModel,
     UpstreamError,
     ValidationFailed,
-    openai_error,
 )
 from .events import EventStream, Timeouts
 from .health import full_model_name
 from .memory import Turn
+from .openai_chunks import (
+    SYSTEM_FINGERPRINT,
+    OpenAIChunks,
+    arguments_of,
+    completion_id,
+    finish_reason,
+    usage_of,
+)
+from .openai_mapping import AGENT_PREFIX, build_call, last_user_text, text_and_images
 from .openai_schemas import (
     AssistantMessage,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
-    ChunkChoice,
-    CompletionUsage,
-    ContentPart,
-    Delta,
-    DeltaFunction,
-    DeltaToolCall,
-    JSONObjectFormat,
-    JSONSchemaFormat,
-    Message,
     ModelList,
     ModelObject,
     ResponseFunction,
     ResponseToolCall,
 )
-from .providers.base import ChatCall, ChatChunk, ToolCall
+from .providers.base import ChatCall
 from .schemas import CONVERSATION_ID, FieldProblem
 from .state import AppState, current_state
 from .streaming import StreamBody, client_probe, never
@@ -73,18 +68,8 @@ from .validation import parse_body
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
-AGENT_PREFIX = "agent:"
-SYSTEM_FINGERPRINT = "fp_pi_agent"
 # Agents exist from the start of the process; OpenAI's model objects need a date.
 STARTED = int(time.time())
-
-# OpenAI's effort levels onto Ollama's think levels ("none" turns thinking off).
-THINK_LEVELS: dict[str, bool | str] = {
-    "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
-    "xhigh": "high",
-}
-# Only inline images: the gateway fetches nothing from the internet on a client's behalf.
-DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,([A-Za-z0-9+/=\s]+)", re.DOTALL)
 
 
 @bp.post("/chat/completions")
@@ -101,7 +86,7 @@ def chat_completions() -> Response:
     _allow(body.model, state)
     conversation_id = _conversation_id()
     call = build_call(body, state, conversation_id)
-    user_text = _last_user_text(body.messages)
+    user_text = last_user_text(body.messages)
     memory = state.memory if conversation_id else None
     key = current_key()
 
@@ -138,18 +123,17 @@ def chat_completions() -> Response:
         message["content"] = result.content or None
         message["tool_calls"] = [
             ResponseToolCall(id=c.id, type="function",
-                             function=ResponseFunction(name=c.name, arguments=_arguments(c)))
+                             function=ResponseFunction(name=c.name, arguments=arguments_of(c)))
             for c in result.tool_calls
         ]
     if result.thinking:
         message["reasoning"] = result.thinking
     completion = ChatCompletion(
-        id=_completion_id(), object="chat.completion", created=int(time.time()),
+        id=completion_id(), object="chat.completion", created=int(time.time()),
         model=body.model, system_fingerprint=SYSTEM_FINGERPRINT,
         choices=[Choice(index=0, message=AssistantMessage(**message), logprobs=None,
-                        finish_reason=_finish_reason(result.done_reason,
-                                                     bool(result.tool_calls)))],
-        usage=_usage(result),
+                        finish_reason=finish_reason(result.done_reason, bool(result.tool_calls)))],
+        usage=usage_of(result),
     )
     return _json(completion.model_dump_json(exclude_unset=True))
 
@@ -166,110 +150,6 @@ def show_model(model_id: str) -> Response:
         if model.id == model_id or full_model_name(model.id) == full_model_name(model_id):
             return _json(model.model_dump_json())
     raise UnknownModel(model_id)
-
-
-def build_call(
-    body: ChatCompletionRequest, state: AppState, conversation_id: str | None
-) -> ChatCall:
-    """Map a Chat Completions request onto an Ollama chat call.
-
-    :raise UnknownModel: 404 for ``agent:<name>`` with no such agent.
-    :raise InvalidRequest: 400 for messages Ollama cannot take.
-    """
-    settings = state.settings
-    agent: Agent | None = None
-    model = body.model
-    if model.startswith(AGENT_PREFIX):
-        agent = state.agents.get(model[len(AGENT_PREFIX):])
-        if agent is None:
-            raise UnknownModel(model)
-        model = agent.resolve_model(settings)
-    options = agent.resolve_options(settings) if agent else base_options(settings)
-    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
-        value = getattr(body, name)
-        if value is not None:
-            options[name] = value
-    if body.stop is not None:
-        options["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
-    limit = body.max_completion_tokens or body.max_tokens
-    if limit is not None:
-        options["num_predict"] = min(limit, settings.num_predict)
-
-    messages: list[dict[str, Any]] = []
-    if agent is not None:
-        messages.append({"role": "system", "content": agent.system_prompt})
-    if conversation_id and state.memory is not None:
-        messages += remembered_messages(state.memory.get_history(conversation_id))
-    messages += to_ollama_messages(body.messages)
-
-    tools = None
-    if body.tools and body.tool_choice != "none":
-        tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    response_format: str | dict[str, Any] | None = None
-    if isinstance(body.response_format, JSONObjectFormat):
-        response_format = "json"
-    elif isinstance(body.response_format, JSONSchemaFormat):
-        response_format = body.response_format.json_schema.schema_
-    think = THINK_LEVELS[body.reasoning_effort] if body.reasoning_effort else None
-    return ChatCall(model=model, messages=messages, options=options,
-                    keep_alive=settings.keep_alive, tools=tools, format=response_format,
-                    think=think)
-
-
-def to_ollama_messages(messages: list[Message]) -> list[dict[str, Any]]:
-    """OpenAI's messages in Ollama's form: string content, base64 ``images``, tool calls
-    with their arguments as objects, and tool results that name their tool."""
-    converted: list[dict[str, Any]] = []
-    tool_names: dict[str, str] = {}
-    for i, message in enumerate(messages):
-        text, images = _content(message.content, f"messages.{i}.content")
-        role = "system" if message.role == "developer" else message.role
-        out: dict[str, Any] = {"role": role, "content": text}
-        if images:
-            out["images"] = images
-        if message.role == "assistant" and message.tool_calls:
-            out["tool_calls"] = []
-            for j, call in enumerate(message.tool_calls):
-                try:
-                    arguments = json.loads(call.function.arguments or "{}")
-                except (ValueError, RecursionError):
-                    arguments = None
-                if not isinstance(arguments, dict):
-                    raise InvalidRequest(
-                        "tool call arguments must be a JSON object, as a string",
-                        param=f"messages.{i}.tool_calls.{j}.function.arguments")
-                tool_names[call.id] = call.function.name
-                out["tool_calls"].append({"id": call.id, "function": {
-                    "name": call.function.name, "arguments": arguments}})
-        if message.role == "tool":
-            name = tool_names.get(message.tool_call_id or "")
-            if name is None:
-                raise InvalidRequest(
-                    "a tool message must answer a tool call of an earlier assistant message "
-                    "by its id", param=f"messages.{i}.tool_call_id")
-            out["tool_name"] = name
-            out["tool_call_id"] = message.tool_call_id
-        converted.append(out)
-    return converted
-
-
-def _content(content: str | list[ContentPart] | None, param: str) -> tuple[str, list[str]]:
-    """Text and base64 images of a message: Ollama takes the content as one string."""
-    if content is None or isinstance(content, str):
-        return content or "", []
-    texts: list[str] = []
-    images: list[str] = []
-    for j, part in enumerate(content):
-        if part.type == "text":
-            texts.append(part.text)
-            continue
-        found = DATA_URL.fullmatch(part.image_url.url)
-        if found is None:
-            raise InvalidRequest(
-                "an image must be inline, as a data:image/...;base64 URL: the gateway does not "
-                "fetch URLs", param=f"{param}.{j}.image_url.url")
-        images.append(re.sub(r"\s", "", found.group(1)))
-    return "\n".join(texts), images
 
 
 def _stream(state: AppState, call: ChatCall, model: str, turn_id: str, record: Recorder,
@@ -323,95 +203,6 @@ def _stream(state: AppState, call: ChatCall, model: str, turn_id: str, record: R
     )
 
 
-class OpenAIChunks:
-    """Writes a reply as OpenAI's ``chat.completion.chunk`` events, ending with ``[DONE]``.
-
-    One ``id`` and ``created`` for the whole stream; ``role`` only in the first delta; a
-    last choice chunk with an empty delta and the finish reason; a usage chunk only when
-    asked for. Queue and start events are not part of OpenAI's format: they write nothing.
-    """
-
-    content_type = "text/event-stream; charset=utf-8"
-
-    def __init__(self, model: str, include_usage: bool) -> None:
-        self.id = _completion_id()
-        self.created = int(time.time())
-        self.model = model
-        self.include_usage = include_usage
-        self._started = False
-        self._tool_calls = 0
-        # A token's chunk is made once per token: its JSON is the model's, with the text put
-        # between a prefix and a suffix cut from a chunk that pydantic wrote once.
-        # The delta comes after the model's name, which may hold anything: cut at the last.
-        marker = "PI-AGENT-TOKEN"
-        template = self._event(Delta(content=marker))
-        self._before, _, self._after = template.rpartition(json.dumps(marker).encode())
-
-    def start(self, conversation_id: str, agent: str, model: str) -> bytes:
-        return b""
-
-    def queued(self, position: int) -> bytes:
-        return b""
-
-    def ping(self) -> bytes:
-        return b": keep-alive\n\n"
-
-    def chunk(self, chunk: ChatChunk) -> bytes:
-        out = b""
-        if chunk.tool_calls:
-            deltas = [self._tool_call(call) for call in chunk.tool_calls]
-            if not self._started:
-                self._started = True
-                out += self._event(Delta(role="assistant", content=None, tool_calls=deltas))
-            else:
-                out += self._event(Delta(tool_calls=deltas))
-        if (chunk.content or chunk.thinking) and not self._started:
-            self._started = True
-            out += self._event(Delta(role="assistant", content=""))
-        if chunk.thinking:
-            out += self._event(Delta(reasoning=chunk.thinking))
-        if chunk.content:
-            text = json.dumps(chunk.content, ensure_ascii=False).encode()
-            out += self._before + text + self._after
-        return out
-
-    def done(self, chunk: ChatChunk, conversation_id: str, timings: dict[str, int]) -> bytes:
-        out = self.chunk(chunk)
-        if not self._started:  # an empty reply still has its role
-            self._started = True
-            out += self._event(Delta(role="assistant", content=""))
-        out += self._event(Delta(), _finish_reason(chunk.done_reason, self._tool_calls > 0))
-        if self.include_usage:
-            usage = ChatCompletionChunk(
-                id=self.id, object="chat.completion.chunk", created=self.created,
-                model=self.model, system_fingerprint=SYSTEM_FINGERPRINT, choices=[],
-                usage=_usage(chunk))
-            out += b"data: " + usage.model_dump_json(exclude_unset=True).encode() + b"\n\n"
-        return out + b"data: [DONE]\n\n"
-
-    def error(self, exc: PiAgentError) -> bytes:
-        body = openai_error(exc).model_dump_json()
-        return b"data: " + body.encode() + b"\n\n"
-
-    def _tool_call(self, call: ToolCall) -> DeltaToolCall:
-        # Ollama sends a call whole: its one delta has the id, the name and all arguments.
-        index = self._tool_calls
-        self._tool_calls += 1
-        return DeltaToolCall(index=index, id=call.id, type="function",
-                             function=DeltaFunction(name=call.name, arguments=_arguments(call)))
-
-    def _event(self, delta: Delta, finish_reason: str | None = None) -> bytes:
-        chunk = ChatCompletionChunk(
-            id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
-            system_fingerprint=SYSTEM_FINGERPRINT,
-            choices=[ChunkChoice(index=0, delta=delta, logprobs=None,
-                                 finish_reason=finish_reason)],
-        )
-        if self.include_usage:
-            chunk.usage = None  # every chunk but the last says "usage": null
-        return b"data: " + chunk.model_dump_json(exclude_unset=True).encode() + b"\n\n"
-
-
 def _for_client(exc: PiAgentError, model: str) -> PiAgentError:
     """An upstream failure in OpenAI's terms: the model the client named is unknown, or the
     model server refused what the client asked for (tools, thinking) as a bad request.
@@ -448,7 +239,7 @@ def _check_bounds(body: ChatCompletionRequest, settings: Settings) -> None:
         problems.append(FieldProblem(
             field="tools", problem=f"must be at most {settings.max_tools} tools"))
     for i, message in enumerate(body.messages[:settings.max_messages]):
-        if len(_content(message.content, f"messages.{i}.content")[0]) > (
+        if len(text_and_images(message.content, f"messages.{i}.content")[0]) > (
                 settings.max_message_chars):
             problems.append(FieldProblem(
                 field=f"messages.{i}.content",
@@ -478,33 +269,6 @@ def _conversation_id() -> str | None:
     require_conversation(value)
     g.conversation_id = value
     return value
-
-
-def _last_user_text(messages: list[Message]) -> str:
-    for message in reversed(messages):
-        if message.role == "user":
-            return _content(message.content, "")[0]
-    return ""
-
-
-def _finish_reason(done_reason: str, tool_calls: bool) -> str:
-    if done_reason == "length":
-        return "length"
-    return "tool_calls" if tool_calls else "stop"
-
-
-def _usage(chunk: ChatChunk) -> CompletionUsage:
-    return CompletionUsage(prompt_tokens=chunk.prompt_tokens,
-                           completion_tokens=chunk.completion_tokens,
-                           total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
-
-
-def _arguments(call: ToolCall) -> str:
-    return json.dumps(call.arguments, ensure_ascii=False)
-
-
-def _completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
 
 
 def _json(body: str) -> Response:
