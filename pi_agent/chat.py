@@ -101,10 +101,9 @@ def _answer(events_only: bool) -> Response:
     fmt = _event_format(events_only or body.stream, default_sse=events_only)
     probe = client_probe(request.environ)
     client_gone = probe or never
-    record = _recorder(state.memory, conversation_id, body.message, key.id)
+    record = recorder(state.memory, conversation_id, body.message, key.id)
 
-    def count(tokens: int) -> None:
-        state.limits.add_tokens(key, tokens)
+    count = state.limits.meter(key)
 
     if fmt is not None:
         admission = state.admission
@@ -122,8 +121,7 @@ def _answer(events_only: bool) -> Response:
             admission=admission, ticket=ticket, cancel=cancel,
             make_call=make_call, record=record, client_gone=client_gone,
             shutdown=state.shutdown, count_tokens=count,
-            timeouts=Timeouts(settings.heartbeat_seconds, settings.first_token_timeout,
-                              settings.idle_timeout, settings.total_timeout),
+            timeouts=Timeouts.from_settings(settings),
         )
 
         def give_back() -> None:
@@ -283,12 +281,14 @@ def _event_format(streaming: bool, default_sse: bool) -> EventFormat | None:
     return None
 
 
-def _recorder(
+def recorder(
     memory: MemoryStore | None, conversation_id: str, message: str, owner: str
 ) -> Recorder:
+    """How a turn remembers its answer to ``message``; with no memory, it does not."""
     def record(answer: str, partial: bool, done_reason: str) -> None:
-        # Only an answer the model gave is remembered: an empty one, or a failed turn, is not.
-        if memory is not None and answer:
+        # Only an answer the model gave to a user's message is remembered: an empty one, a
+        # failed turn, or a /v1 request without a user message is not.
+        if memory is not None and answer and message:
             memory.append_turn(
                 conversation_id,
                 Turn(user=message, assistant=answer, partial=partial, done_reason=done_reason),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .admission import Admission, Ticket
+from .config import Settings
 from .errors import PiAgentError, ProviderError, ProviderTimeout, ServerShuttingDown, TurnCancelled
 from .generation import Generation
 from .keys import LOCAL_ID
@@ -152,6 +153,11 @@ class Timeouts:
     first_token: float
     idle: float
     total: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Timeouts:
+        return cls(settings.heartbeat_seconds, settings.first_token_timeout,
+                   settings.idle_timeout, settings.total_timeout)
 
 
 @dataclass

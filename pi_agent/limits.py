@@ -1,6 +1,7 @@
 """Per-key limits: requests per minute (a token bucket) and completion tokens per UTC day."""
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -74,6 +75,10 @@ class Limits:
             if key.rpm is not None:
                 requests = self._request_standing(key, self._refill(key))
             return requests, self._token_standing(key)
+
+    def meter(self, key: ApiKey) -> Callable[[int], None]:
+        """What a turn calls with its completion tokens once it knows them."""
+        return functools.partial(self.add_tokens, key)
 
     def add_tokens(self, key: ApiKey, count: int) -> None:
         """Count a turn's completion tokens against the key's day."""

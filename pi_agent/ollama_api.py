@@ -134,8 +134,7 @@ def generate() -> Response:
 
     key = current_key()
 
-    def count(tokens: int) -> None:
-        state.limits.add_tokens(key, tokens)
+    count = state.limits.meter(key)
 
     turn = WatchedTurn(state, "ollama-" + uuid.uuid4().hex, client_probe(request.environ),
                        key.id)

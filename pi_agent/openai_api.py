@@ -25,7 +25,7 @@ from .auth import (
     may_use_model,
     require_conversation,
 )
-from .chat import Recorder
+from .chat import Recorder, recorder
 from .config import Settings
 from .errors import (
     ClientGone,
@@ -39,7 +39,6 @@ from .errors import (
 )
 from .events import EventStream, Timeouts
 from .health import full_model_name
-from .memory import Turn
 from .openai_chunks import (
     SYSTEM_FINGERPRINT,
     OpenAIChunks,
@@ -86,20 +85,12 @@ def chat_completions() -> Response:
     _allow(body.model, state)
     conversation_id = _conversation_id()
     call = build_call(body, state, conversation_id)
-    user_text = last_user_text(body.messages)
-    memory = state.memory if conversation_id else None
     key = current_key()
+    # Stateless without the header, as OpenAI's API is.
+    record = recorder(state.memory if conversation_id else None, conversation_id or "",
+                      last_user_text(body.messages), key.id)
 
-    def record(answer: str, partial: bool, done_reason: str) -> None:
-        # As in /chat, only an answer the model gave is remembered, and only as the answer
-        # to a user's message.
-        if memory is not None and conversation_id and answer and user_text:
-            memory.append_turn(conversation_id, Turn(user=user_text, assistant=answer,
-                                                     partial=partial, done_reason=done_reason),
-                               key.id)
-
-    def count(tokens: int) -> None:
-        state.limits.add_tokens(key, tokens)
+    count = state.limits.meter(key)
 
     # Admission keeps one turn per conversation; a stateless request is its own.
     turn_id = conversation_id or "openai-" + uuid.uuid4().hex
@@ -182,8 +173,7 @@ def _stream(state: AppState, call: ChatCall, model: str, turn_id: str, record: R
             provider=state.provider, admission=state.admission, ticket=ticket, cancel=cancel,
             make_call=lambda: call, record=record, client_gone=probe or never,
             shutdown=state.shutdown, count_tokens=count,
-            timeouts=Timeouts(settings.heartbeat_seconds, settings.first_token_timeout,
-                              settings.idle_timeout, settings.total_timeout),
+            timeouts=Timeouts.from_settings(settings),
         )
         events = relay = stream.relay()
         head = next((data for data in relay if data), b"")
