@@ -80,7 +80,7 @@ def test_disconnect_closes_upstream_within_a_second(server: Gunicorn, fake: Fake
 
 
 def test_gevent_worker_serves_requests_side_by_side(server: Gunicorn, fake: FakeOllama) -> None:
-    assert "Using worker: gevent" in server.log.read_text()
+    assert "Using worker: pi_agent.worker.GeventWorker" in server.log.read_text()
     fake.scripts["slow"] = Script(tokens=["late"], first_token_delay=3)
     slow: list[requests.Response] = []
     waiting = threading.Thread(target=lambda: slow.append(open_stream(server, message="slow")))
@@ -98,6 +98,26 @@ def test_gevent_worker_serves_requests_side_by_side(server: Gunicorn, fake: Fake
         for response in slow:
             response.close()
     assert slow and slow[0].status_code == 200
+
+
+def loaded_files(pid: int) -> set[str]:
+    """The files mapped into a process: its shared libraries, compiled modules among them."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split()) == 6}
+
+
+def test_only_the_worker_loads_gevent(server: Gunicorn) -> None:
+    master = server.process.pid
+    with open(f"/proc/{master}/task/{master}/children") as children:
+        (worker,) = [int(pid) for pid in children.read().split()]
+
+    def gevent_files(pid: int) -> set[str]:
+        return {path for path in loaded_files(pid) if "/gevent/" in path}
+
+    # gevent's compiled event loop is in the worker that serves the requests...
+    assert any("corecext" in path for path in gevent_files(worker)), loaded_files(worker)
+    # ...and not in the master, which only forks and watches it.
+    assert gevent_files(master) == set()
 
 
 def raw_exchange(server: Gunicorn, request: bytes) -> bytes:
