@@ -6,7 +6,8 @@ through the naive reference proxy, back to back in one run. The gateways are pin
 first CPU and the harness (fake Ollama and load generator) to the second, so what is measured
 is the gateway's single worker.
 
-    python -m bench.run [--quick] [--out DIR] [--no-naive]
+    python -m bench.run [--quick] [--rounds N] [--only TEXT] [--compare DIR] [--out DIR]
+                        [--no-naive]
 
 Writes DIR/latest.json and DIR/latest.md. It is a benchmark: it asserts nothing about speed.
 """
@@ -177,6 +178,17 @@ def start_gateway(name: str, root: Path, fake_port: int, out: Path) -> Process:
     return gateway.ready(r"Listening at: http://127\.0\.0\.1:(\d+)", health=True)
 
 
+def start_floor(fake_port: int, out: Path) -> Process:
+    """Start the smallest proxy on the stack (bench/stack_floor.py), the way the naive one is,
+    but with as many connections per worker as gunicorn.conf.py allows."""
+    env = dict(os.environ, UPSTREAM_URL=f"http://127.0.0.1:{fake_port}", PYTHONPATH=str(ROOT))
+    floor = Process("stack floor", [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
+                                    "--worker-connections", "2000", "-b", "127.0.0.1:0",
+                                    "bench.stack_floor:app"],
+                    ROOT, env, out / "stack-floor.log", cpu=0)
+    return floor.ready(r"Listening at: http://127\.0\.0\.1:(\d+)", health=True)
+
+
 def start_naive(fake_port: int, out: Path) -> Process:
     env = dict(os.environ, UPSTREAM_URL=f"http://127.0.0.1:{fake_port}")
     naive = Process("naive", [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
@@ -310,15 +322,18 @@ Starter = Callable[[], Process]
 
 
 async def run_scenarios(
-    starters: dict[str, Starter], fake: Process, quick: bool, scenarios: list[Scenario]
+    starters: dict[str, Starter], fake: Process, quick: bool, scenarios: list[Scenario],
+    rounds: int = 1,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Run each scenario against the fake, then against each gateway in turn.
+    """Run each scenario against the fake, then against each gateway in turn, ``rounds``
+    times over, the targets taking turns within each round.
 
-    Each gateway is started fresh for each scenario and stopped after it, so one runs at a
-    time and what a scenario measures (peak RSS above all) does not carry earlier ones.
+    Each gateway is started fresh for each scenario and round and stopped after it, so one
+    runs at a time and what a scenario measures (peak RSS above all) does not carry earlier
+    ones. Every start also measures the startup time and the idle memory after a warm-up.
     """
     rows = []
-    servers: dict[str, dict[str, Any]] = {}
+    starts: dict[str, list[dict[str, Any]]] = {name: [] for name in starters}
 
     def configure(tokens: int, token_delay: float) -> None:
         config = json.dumps({"tokens": tokens, "token_delay": token_delay}).encode()
@@ -326,39 +341,55 @@ async def run_scenarios(
 
     for scenario in scenarios:
         requests = scenario.quick_requests_per_client if quick else scenario.requests_per_client
-        for name in ["ollama (direct)", *starters]:
-            server = None
-            if name == "ollama (direct)":
-                target = Target("127.0.0.1", fake.port, "/api/chat", direct_body(scenario.stream))
-            else:
-                server = starters[name]()
-                # Warm up both paths, so that no scenario pays for first-use work.
-                configure(5, 0.0)
-                status, _ = http_call(server.port, "POST", "/chat", chat_body(False))
-                http_call(server.port, "POST", "/chat", chat_body(True))
-                servers.setdefault(name, {
-                    "startup_s": server.startup_seconds, "warm_up_status": status,
-                    "idle_rss_mib": procstat.rss_bytes(server.pids()) / 2**20,
-                    "idle_pss_mib": procstat.pss_bytes(server.pids()) / 2**20,
-                })
-                target = Target("127.0.0.1", server.port, "/chat", chat_body(scenario.stream))
-            configure(scenario.tokens, scenario.token_delay)
-            try:
-                load = Load(clients=scenario.clients, requests_per_client=requests)
-                row = {"scenario": scenario.name, "key": scenario.key, "target": name,
-                       "clients": scenario.clients, "stream": scenario.stream,
-                       "expected_tokens": scenario.tokens}
-                row.update(await measure(target, load, server, fake))
-            finally:
-                if server is not None:
-                    server.stop()
-            print(f"{scenario.name:44} {name:16} {row['req_per_s']:8.1f} req/s  "
-                  f"ttft p50 {row['ttft_p50_ms']:7.2f} ms  errors {row['errors']}  cpu: server "
-                  f"{row['server_cpu_s']:.2f} s, fake {row['fake_cpu_s']:.2f} s, load "
-                  f"{row['loadgen_cpu_s']:.2f} s, wall {row['wall_s']:.2f} s", flush=True)
-            rows.append(row)
-            await asyncio.sleep(0.2)  # let closed connections settle between targets
-    return rows, servers
+        for round_ in range(rounds):
+            for name in ["ollama (direct)", *starters]:
+                server = None
+                if name == "ollama (direct)":
+                    target = Target("127.0.0.1", fake.port, "/api/chat",
+                                    direct_body(scenario.stream))
+                else:
+                    server = starters[name]()
+                    # Warm up both paths, so that no scenario pays for first-use work.
+                    configure(5, 0.0)
+                    status, _ = http_call(server.port, "POST", "/chat", chat_body(False))
+                    http_call(server.port, "POST", "/chat", chat_body(True))
+                    starts[name].append({
+                        "startup_s": server.startup_seconds, "warm_up_status": status,
+                        "idle_rss_mib": procstat.rss_bytes(server.pids()) / 2**20,
+                        "idle_pss_mib": procstat.pss_bytes(server.pids()) / 2**20,
+                    })
+                    target = Target("127.0.0.1", server.port, "/chat", chat_body(scenario.stream))
+                configure(scenario.tokens, scenario.token_delay)
+                try:
+                    load = Load(clients=scenario.clients, requests_per_client=requests)
+                    row = {"scenario": scenario.name, "key": scenario.key, "target": name,
+                           "round": round_, "clients": scenario.clients,
+                           "stream": scenario.stream, "expected_tokens": scenario.tokens}
+                    row.update(await measure(target, load, server, fake))
+                finally:
+                    if server is not None:
+                        server.stop()
+                print(f"{scenario.name:44} {name:16} {row['req_per_s']:8.1f} req/s  "
+                      f"ttft p50 {row['ttft_p50_ms']:7.2f} ms  errors {row['errors']}  "
+                      f"cpu: server {row['server_cpu_s']:.2f} s, fake {row['fake_cpu_s']:.2f} s,"
+                      f" load {row['loadgen_cpu_s']:.2f} s, wall {row['wall_s']:.2f} s",
+                      flush=True)
+                rows.append(row)
+                await asyncio.sleep(0.2)  # let closed connections settle between targets
+    return rows, {name: summarize_starts(runs) for name, runs in starts.items()}
+
+
+def summarize_starts(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A gateway's startup time and idle memory: the median over its starts in the run."""
+    statuses = [run["warm_up_status"] for run in runs]
+    return {
+        "startup_s": statistics.median(run["startup_s"] for run in runs),
+        # 200 if every warm-up was answered, else the first status that was not.
+        "warm_up_status": next((status for status in statuses if status != 200), 200),
+        "idle_rss_mib": statistics.median(run["idle_rss_mib"] for run in runs),
+        "idle_pss_mib": statistics.median(run["idle_pss_mib"] for run in runs),
+        "starts": runs,
+    }
 
 
 # --- reporting ----------------------------------------------------------------------
@@ -379,31 +410,48 @@ def machine() -> dict[str, Any]:
             "kernel": platform.release(), **versions}
 
 
+# The figures of a row that compare() carries over, each the median over the rounds.
+FIGURES = ("ttft_overhead_p50_ms", "ttft_overhead_p99_ms", "req_per_s",
+           "server_cpu_s_per_1k_tokens", "peak_rss_mib", "peak_pss_mib",
+           "frames_per_request", "tokens_per_request")
+
+
 def compare(rows: list[dict[str, Any]], servers: list[str]) -> list[dict[str, Any]]:
-    """For each scenario and gateway, the difference to the direct run and the naive run."""
+    """For each scenario and gateway, the difference to the direct run of the same round;
+    over several rounds, the median of each figure (errors and requests are summed), with
+    the figures of each round kept in ``by_round``."""
     out = []
-    by_key = {(r["scenario"], r["target"]): r for r in rows}
+    by_key = {(r["scenario"], r["target"], r.get("round", 0)): r for r in rows}
+    rounds = sorted({r.get("round", 0) for r in rows})
     for scenario in dict.fromkeys(r["scenario"] for r in rows):
-        direct = by_key[(scenario, "ollama (direct)")]
         for name in servers:
-            row = by_key[(scenario, name)]
-            item = {
-                "scenario": scenario, "key": row["key"], "target": name,
-                "ttft_overhead_p50_ms": row["ttft_p50_ms"] - direct["ttft_p50_ms"],
-                "ttft_overhead_p99_ms": row["ttft_p99_ms"] - direct["ttft_p99_ms"],
-                "req_per_s": row["req_per_s"],
-                "server_cpu_s_per_1k_tokens": row["server_cpu_s_per_1k_tokens"],
-                "peak_rss_mib": row["peak_rss_mib"],
-                "peak_pss_mib": row["peak_pss_mib"],
-                "errors": row["errors"],
-                "requests": row["requests"],
-                "frames_per_request": row["frames_per_request"],
-                "tokens_per_request": row["tokens_per_request"],
+            by_round = []
+            for round_ in rounds:
+                direct = by_key[(scenario, "ollama (direct)", round_)]
+                row = by_key[(scenario, name, round_)]
+                item = {
+                    "round": round_, "key": row["key"],
+                    "ttft_overhead_p50_ms": row["ttft_p50_ms"] - direct["ttft_p50_ms"],
+                    "ttft_overhead_p99_ms": row["ttft_p99_ms"] - direct["ttft_p99_ms"],
+                    **{f: row[f] for f in FIGURES if f in row},
+                    "errors": row["errors"],
+                    "requests": row["requests"],
+                }
+                naive = by_key.get((scenario, "naive proxy", round_))
+                if naive and name != "naive proxy" and naive["req_per_s"]:
+                    item["req_per_s_vs_naive"] = row["req_per_s"] / naive["req_per_s"]
+                by_round.append(item)
+            summary: dict[str, Any] = {
+                "scenario": scenario, "key": by_round[0]["key"], "target": name,
+                **{f: statistics.median(i[f] for i in by_round) for f in FIGURES},
+                "errors": sum(i["errors"] for i in by_round),
+                "requests": sum(i["requests"] for i in by_round),
             }
-            naive = by_key.get((scenario, "naive proxy"))
-            if naive and name != "naive proxy" and naive["req_per_s"]:
-                item["req_per_s_vs_naive"] = row["req_per_s"] / naive["req_per_s"]
-            out.append(item)
+            if all("req_per_s_vs_naive" in i for i in by_round):
+                summary["req_per_s_vs_naive"] = statistics.median(
+                    i["req_per_s_vs_naive"] for i in by_round)
+            summary["by_round"] = by_round
+            out.append(summary)
     return out
 
 
@@ -438,33 +486,56 @@ GOALS = [
 ]
 
 
+def _ratios(ours: dict[str, Any], other: dict[str, Any] | None, field: str) -> list[float]:
+    """Ours over the other's ``field``, round by round (a scenario's rounds, or a gateway's
+    starts, pair up in the order they ran), sorted."""
+    if other is None:
+        return []
+    return sorted(a[field] / b[field] for a, b in zip(ours["by_round"], other["by_round"])
+                  if b[field])
+
+
 def check_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Read each goal off the report: ours, naive's in the same run, and whether it is met."""
+    """Read each goal off the report: ours, naive's in the same run, and whether it is met.
+
+    A ratio to naive is the median of the ratios of each round; ``ratio_range`` gives the
+    lowest and highest. The same is given against the smallest proxy on the stack (the
+    "stack floor"), when it ran.
+    """
     by = {(c["key"], c["target"]): c for c in report["comparison"]}
     for name, server in report["servers"].items():
-        by[("server", name)] = server
+        by[("server", name)] = {**server, "by_round": server["starts"]}
     out = []
     for goal in GOALS:
         ours = by.get((goal.key, "pi-agent"))
         naive = by.get((goal.key, "naive proxy"))
+        floor = by.get((goal.key, "stack floor"))
         if ours is None:
             continue
         value = ours[goal.field] * goal.scale
         naive_value = naive[goal.field] * goal.scale if naive else None
         item: dict[str, Any] = {"figure": goal.figure, "pi_agent": value, "naive": naive_value}
+        if floor is not None:
+            item["floor"] = floor[goal.field] * goal.scale
+            to_floor = _ratios(ours, floor, goal.field)
+            if to_floor:
+                item["ratio_to_floor"] = statistics.median(to_floor)
+        ratios = _ratios(ours, naive, goal.field)
+        ratio = statistics.median(ratios) if ratios else None
+        if ratios:
+            item["ratio_range"] = [ratios[0], ratios[-1]]
         if goal.figure.startswith("non-stream req/s"):
             # The bound is a ratio to naive measured in the same run.
-            ratio = value / naive_value if naive_value else None
             item.update(bound=f">= {goal.bound}x naive", ratio=ratio,
                         met=ratio is not None and ratio >= goal.bound)
         else:
             sign = "<=" if goal.lower_is_better else ">="
             item["bound"] = f"{sign} {goal.bound:g}"
             item["met"] = value <= goal.bound if goal.lower_is_better else value >= goal.bound
-            if naive_value and goal.naive_reference:
-                item["ratio"] = value / naive_value
+            if ratio is not None and goal.naive_reference:
+                item["ratio"] = ratio
                 item["ratio_bound"] = goal.bound / goal.naive_reference
-                item["met_as_ratio"] = item["ratio"] <= item["ratio_bound"]
+                item["met_as_ratio"] = ratio <= item["ratio_bound"]
         out.append(item)
     return out
 
@@ -481,16 +552,33 @@ def markdown(report: dict[str, Any]) -> str:
         f"Run {report['date']} ({'quick' if report['quick'] else 'full'}) on {m['cpu']}, "
         f"{m['cores']} cores, Python {m['python']}, gunicorn {m['gunicorn']}, "
         f"gevent {m['gevent']}, Flask {m['flask']}.",
+    ]
+    rounds = report.get("rounds", 1)
+    if rounds > 1:
+        lines.append(
+            f"{rounds} rounds, the targets taking turns within each: a figure is the median "
+            "over the rounds (startup and idle memory: over every start of the gateway), a "
+            "ratio to naive the median of the ratios of each round, their range in brackets."
+        )
+    floor = any("floor" in g for g in report["goals"])
+    lines += [
         "",
-        "| figure | pi-agent | naive proxy | pi-agent / naive | target | met | "
-        "target as a ratio to naive | met as a ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| figure | pi-agent | naive proxy | " + ("stack floor | " if floor else "")
+        + "pi-agent / naive | " + ("pi-agent / floor | " if floor else "")
+        + "target | met | target as a ratio to naive | met as a ratio |",
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if floor else ""),
     ]
     for g in report["goals"]:
         ratio_bound = g.get("ratio_bound")
+        ratio = _number(g.get("ratio"))
+        if rounds > 1 and ratio and "ratio_range" in g:
+            low, high = g["ratio_range"]
+            ratio += f" ({_number(low)} to {_number(high)})"
+        floor_cells = (f"{_number(g.get('floor'))} | " if floor else "")
+        to_floor = (f"{_number(g.get('ratio_to_floor'))} | " if floor else "")
         lines.append(
             f"| {g['figure']} | {_number(g['pi_agent'])} | {_number(g['naive'])} | "
-            f"{_number(g.get('ratio'))} | {g['bound']} | {'yes' if g['met'] else 'no'} | "
+            f"{floor_cells}{ratio} | {to_floor}{g['bound']} | {'yes' if g['met'] else 'no'} | "
             f"{'<= ' + _number(ratio_bound) if ratio_bound else ''} | "
             f"{'' if 'met_as_ratio' not in g else 'yes' if g['met_as_ratio'] else 'no'} |"
         )
@@ -515,8 +603,12 @@ def markdown(report: dict[str, Any]) -> str:
     for name, server in report["servers"].items():
         lines.append(f"| {name} | {server['startup_s']:.2f} | "
                      f"{server['idle_rss_mib']:.0f} / {server['idle_pss_mib']:.0f} |")
-    harness = ", ".join(f"{r['scenario']}: {r['harness_cpu_s_per_1k_tokens']:.4f}"
-                        for r in report["rows"] if r["target"] == "ollama (direct)")
+    direct: dict[str, list[float]] = {}
+    for r in report["rows"]:
+        if r["target"] == "ollama (direct)":
+            direct.setdefault(r["scenario"], []).append(r["harness_cpu_s_per_1k_tokens"])
+    harness = ", ".join(f"{scenario}: {statistics.median(values):.4f}"
+                        for scenario, values in direct.items())
     lines += ["", f"Harness CPU s per 1k tokens (fake Ollama + load generator, direct runs): "
                   f"{harness}."]
     return "\n".join(lines) + "\n"
@@ -527,6 +619,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests: under a minute")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-naive", action="store_true", help="leave out the naive proxy")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="leave out the smallest proxy on the stack (bench/stack_floor.py)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every scenario this many times, the targets taking turns; "
+                             "figures are medians over the rounds")
     parser.add_argument("--only", default="", help="run the scenarios whose name has this text")
     parser.add_argument("--compare", type=Path, action="append", default=[], metavar="DIR",
                         help="also measure the checkout in DIR (e.g. a git worktree of an "
@@ -547,13 +644,17 @@ def main() -> None:
                                                args.out)
         if not args.no_naive and (NAIVE_DIR / "naive_proxy.py").exists():
             starters["naive proxy"] = functools.partial(start_naive, fake.port, args.out)
-        rows, info = uvloop.run(run_scenarios(starters, fake, args.quick, scenarios))
+        if not args.no_floor:
+            starters["stack floor"] = functools.partial(start_floor, fake.port, args.out)
+        rounds = max(1, args.rounds)
+        rows, info = uvloop.run(run_scenarios(starters, fake, args.quick, scenarios, rounds))
     finally:
         fake.stop()
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": args.quick,
+        "rounds": rounds,
         "machine": machine(),
         "scenarios": [asdict(s) for s in scenarios],
         "servers": info,
