@@ -179,13 +179,15 @@ def start_gateway(name: str, root: Path, fake_port: int, out: Path) -> Process:
 
 
 def start_floor(fake_port: int, out: Path) -> Process:
-    """Start the smallest proxy on the stack (bench/stack_floor.py), the way the naive one is,
-    but with as many connections per worker as gunicorn.conf.py allows."""
-    env = dict(os.environ, UPSTREAM_URL=f"http://127.0.0.1:{fake_port}", PYTHONPATH=str(ROOT))
+    """Start the smallest proxy on the stack (bench/stack_floor.py) the way the naive one is:
+    gunicorn's defaults and its stock gevent worker, from a folder without a gunicorn.conf.py
+    (gunicorn would read one there), but with gunicorn.conf.py's 2,000 connections."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PI_AGENT_")}
+    env["UPSTREAM_URL"] = f"http://127.0.0.1:{fake_port}"
     floor = Process("stack floor", [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
                                     "--worker-connections", "2000", "-b", "127.0.0.1:0",
-                                    "bench.stack_floor:app"],
-                    ROOT, env, out / "stack-floor.log", cpu=0)
+                                    "stack_floor:app"],
+                    ROOT / "bench", env, out / "stack-floor.log", cpu=0)
     return floor.ready(r"Listening at: http://127\.0\.0\.1:(\d+)", health=True)
 
 
@@ -342,7 +344,11 @@ async def run_scenarios(
     for scenario in scenarios:
         requests = scenario.quick_requests_per_client if quick else scenario.requests_per_client
         for round_ in range(rounds):
-            for name in ["ollama (direct)", *starters]:
+            # The gateways take turns at going first, so that what depends on the place in a
+            # round (a warm cache, the fake's state) does not always favour the same one.
+            names = list(starters)
+            turn = round_ % len(names) if names else 0
+            for name in ["ollama (direct)", *names[turn:], *names[:turn]]:
                 server = None
                 if name == "ollama (direct)":
                     target = Target("127.0.0.1", fake.port, "/api/chat",
@@ -491,8 +497,10 @@ def _ratios(ours: dict[str, Any], other: dict[str, Any] | None, field: str) -> l
     starts, pair up in the order they ran), sorted."""
     if other is None:
         return []
+    # A ratio to nothing, or to a negative overhead (the gateway beat the direct run in a
+    # noisy round), says nothing.
     return sorted(a[field] / b[field] for a, b in zip(ours["by_round"], other["by_round"])
-                  if b[field])
+                  if b[field] > 0)
 
 
 def check_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -558,7 +566,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"{rounds} rounds, the targets taking turns within each: a figure is the median "
             "over the rounds (startup and idle memory: over every start of the gateway), a "
-            "ratio to naive the median of the ratios of each round, their range in brackets."
+            "ratio to naive the median of the ratios of each round, their range in parentheses."
         )
     floor = any("floor" in g for g in report["goals"])
     lines += [
@@ -630,6 +638,8 @@ def main() -> None:
                              "older commit), in the same run")
     args = parser.parse_args()
     scenarios = [s for s in SCENARIOS if args.only in s.name]
+    if not scenarios:
+        parser.error(f"no scenario has {args.only!r} in its name")
     args.out.mkdir(parents=True, exist_ok=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

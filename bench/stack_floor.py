@@ -1,15 +1,16 @@
 """The smallest proxy on the project's stack, measured by the benchmark as a floor.
 
-Flask, one pooled ``requests`` session and gunicorn's gevent worker, started like the naive
-proxy (``gunicorn -k gevent -w 1``) with gunicorn.conf.py's 2,000 connections per worker.
+Flask, one pooled ``requests`` session and gunicorn's stock gevent worker, started like the
+naive proxy (``gunicorn -k gevent -w 1``, gunicorn's defaults: no access log, no
+gunicorn.conf.py) but with gunicorn.conf.py's 2,000 connections per worker.
 ``POST /chat`` relays Ollama's ``/api/chat``, each token as plain text as it comes, or the
 whole reply as JSON. It has none of Pi Agent Server's features (no validation, memory,
 agents, admission, timeouts, keys, limits, logging or error handling), so what Pi Agent
 Server costs above it is the price of those features, and what it costs above the direct
 run is the price of the stack itself.
 
-Run: ``UPSTREAM_URL=http://127.0.0.1:11434 gunicorn -k gevent -w 1 --worker-connections 2000
-bench.stack_floor:app``.
+Run from this folder: ``UPSTREAM_URL=http://127.0.0.1:11434 gunicorn -k gevent -w 1
+--worker-connections 2000 stack_floor:app``.
 """
 from __future__ import annotations
 

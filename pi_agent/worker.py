@@ -3,7 +3,9 @@
 gunicorn loads its worker class in the master, which only makes the worker object and forks
 it. ``gunicorn.workers.ggevent`` imports gevent at its top, which would cost the master about
 5 MiB that it never uses. The class here imports nothing of gevent; the forked process turns
-itself into gunicorn's own gevent worker before it does anything else.
+itself into gunicorn's own gevent worker before it serves anything. (A gevent that is missing
+or too old is then reported by the worker, after the master has bound its address, and
+gunicorn stops with "Worker failed to boot".)
 """
 from __future__ import annotations
 
