@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import functools
 
 import uvloop
@@ -165,13 +166,36 @@ def start_fake(out: Path) -> Process:
     return fake.ready(r"listening on (\d+)", health=False)
 
 
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment a gateway starts with: this one's, without PI_AGENT_* settings and
+    without PYTHONDONTWRITEBYTECODE. An installed server has its bytecode cached (pip
+    compiles it on install, and Python writes it on a first run); a shell that asks for no
+    cache files must not make every start in the bench compile the gateway's sources anew."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PI_AGENT_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(extra)
+    return env
+
+
+def compile_sources(*paths: Path) -> None:
+    """Cache the bytecode of a gateway's own modules before its first start, as an install
+    does: from the first start on, every start is measured the same way."""
+    for path in paths:
+        if path.is_dir():
+            compileall.compile_dir(path, quiet=1)
+        else:
+            compileall.compile_file(path, quiet=1)
+
+
 def start_gateway(name: str, root: Path, fake_port: int, out: Path) -> Process:
     """Start Pi Agent Server from the checkout at ``root`` with its own gunicorn.conf.py."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PI_AGENT_")}
+    compile_sources(root / "pi_agent", root / "wsgi.py", root / "gunicorn.conf.py")
     # Admission control stays on, with limits above the largest scenario: the bench measures
     # the cost of the gateway, not a queue in front of the fake.
-    env.update(PI_AGENT_BIND="127.0.0.1:0", PI_AGENT_OLLAMA_URL=f"http://127.0.0.1:{fake_port}",
-               PI_AGENT_MAX_CONCURRENT="5000", PI_AGENT_MAX_QUEUE="5000", PYTHONPATH=str(root))
+    env = server_env(
+        PI_AGENT_BIND="127.0.0.1:0", PI_AGENT_OLLAMA_URL=f"http://127.0.0.1:{fake_port}",
+        PI_AGENT_MAX_CONCURRENT="5000", PI_AGENT_MAX_QUEUE="5000", PYTHONPATH=str(root),
+    )
     log = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
     gateway = Process(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                              "wsgi:app"], root, env, log, cpu=0)
@@ -182,8 +206,8 @@ def start_floor(fake_port: int, out: Path) -> Process:
     """Start the smallest proxy on the stack (bench/stack_floor.py) the way the naive one is:
     gunicorn's defaults and its stock gevent worker, from a folder without a gunicorn.conf.py
     (gunicorn would read one there), but with gunicorn.conf.py's 2,000 connections."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PI_AGENT_")}
-    env["UPSTREAM_URL"] = f"http://127.0.0.1:{fake_port}"
+    compile_sources(ROOT / "bench" / "stack_floor.py")
+    env = server_env(UPSTREAM_URL=f"http://127.0.0.1:{fake_port}")
     floor = Process("stack floor", [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
                                     "--worker-connections", "2000", "-b", "127.0.0.1:0",
                                     "stack_floor:app"],
@@ -192,6 +216,8 @@ def start_floor(fake_port: int, out: Path) -> Process:
 
 
 def start_naive(fake_port: int, out: Path) -> Process:
+    # Nothing is written into ../shared: where the shell asks for no cache files, its one
+    # small module is compiled at each start (a few ms).
     env = dict(os.environ, UPSTREAM_URL=f"http://127.0.0.1:{fake_port}")
     naive = Process("naive", [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
                               "-b", "127.0.0.1:0", "naive_proxy:app"],
