@@ -1,13 +1,14 @@
 """Measure what Pi Agent Server costs on top of Ollama.
 
 For each scenario the same load runs straight against a fast fake Ollama, then through the
-gateway (gunicorn, gevent worker, the project's gunicorn.conf.py), then, if it is at hand,
-through the naive reference proxy, back to back in one run. The gateways are pinned to the
-first CPU and the harness (fake Ollama and load generator) to the second, so what is measured
-is the gateway's single worker.
+gateway (gunicorn, gevent worker, the project's gunicorn.conf.py), then through the naive
+reference proxy (if it is at hand) and the stack floor (bench/stack_floor.py, the smallest
+proxy on the same stack), back to back in one run, ``--rounds`` times. The gateways are
+pinned to the first CPU and the harness (fake Ollama and load generator) to the second, so
+what is measured is the gateway's single worker.
 
     python -m bench.run [--quick] [--rounds N] [--only TEXT] [--compare DIR] [--out DIR]
-                        [--no-naive]
+                        [--no-naive] [--no-floor]
 
 Writes DIR/latest.json and DIR/latest.md. It is a benchmark: it asserts nothing about speed.
 """
