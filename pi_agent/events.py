@@ -251,7 +251,6 @@ class EventStream:
                     outcome = "cancelled"
                     yield self._fail(TurnCancelled())
                     return
-                now = time.monotonic()
                 if item is None:
                     if now >= deadline or now >= end:
                         outcome = "failed"
