@@ -144,7 +144,7 @@ def _answer(events_only: bool) -> Response:
         history = state.memory.get_history(conversation_id) if state.memory is not None else []
         call = build_call(agent, settings, history, body.message)
         if not body.stream:
-            result = turn.run(lambda abort: state.provider.chat(call, abort))
+            result = turn.collect(state.provider, call, count)
         else:
             text_stream = turn.run(lambda abort: state.provider.stream_chat(call, abort))
             streaming = True
@@ -166,7 +166,6 @@ def _answer(events_only: bool) -> Response:
         if not streaming:
             turn.release()
     record(result.content, False, result.done_reason)
-    count(result.completion_tokens)
     reply = ChatReply(
         reply=result.content,
         conversation_id=conversation_id,

@@ -60,6 +60,19 @@ class ValidationFailed(PiAgentError):
         return f"{self.description}: {problems}" if problems else self.description
 
 
+class ContextTooLong(PiAgentError):
+    """The messages cannot fit in the model's context, even with older ones left out;
+    send less, or ask for a larger ``num_ctx`` (up to ``PI_AGENT_MAX_NUM_CTX``)."""
+
+    code = 400
+    error_code = "context_length_exceeded"
+
+    def __init__(self, tokens: int, num_ctx: int, param: str) -> None:
+        super().__init__(
+            f"the messages need about {tokens} tokens, more than the model's context of "
+            f"{num_ctx} (num_ctx) holds even with older messages left out", param=param)
+
+
 class AgentNotFound(PiAgentError):
     """No agent preset has that name; ``GET /agents`` lists the ones there are."""
 

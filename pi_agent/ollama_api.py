@@ -4,22 +4,26 @@ Ollama clients pointed at the gateway get Ollama's exact answers: its status cod
 error bodies, its NDJSON framing streamed as it comes (one object per line). Generations
 (``/api/chat``, ``/api/generate``) go through the same admission control, cancellation,
 timeouts and watchdog as ``/chat``, and get the configured ``num_predict`` cap, ``num_ctx``
-and ``keep_alive`` unless they set their own (a lower ``num_predict`` only). Model
+and ``keep_alive`` unless they set their own (a lower ``num_predict`` only). Embeddings
+(``/api/embed``, ``/api/embeddings``) take a slot too (see embeddings.py). Model
 management is refused: a chat gateway must not let its clients fill or wipe the disk.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
-from pydantic import BaseModel, ConfigDict, StrictBool
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from .auth import allow_model, current_key, may_use_model
 from .config import Settings
+from .context import check_fits, check_text_fits
+from .embeddings import fetch_embeddings
 from .errors import (
     InvalidRequest,
     ModelManagementRefused,
@@ -28,6 +32,7 @@ from .errors import (
     ValidationFailed,
 )
 from .providers.base import Forwarded
+from .ollama_whole import gather_whole
 from .schemas import FieldProblem, OllamaErrorBody
 from .state import current_state
 from .streaming import StreamBody, TurnWatch, client_probe
@@ -43,13 +48,15 @@ MANAGEMENT_ROUTES = {
 }
 
 
+# Ollama reads numbers into Go's int64 and float64: beyond those, no model server can take them.
+MIN_INT64, MAX_INT64 = -(2**63), 2**63 - 1
 # Sampling options and the values they may take here. Load-time options are refused: a
 # change reloads the model, which takes minutes on a Pi and stalls every other client.
 OPTION_RANGES: dict[str, tuple[float, float]] = {
     "temperature": (0, 2), "top_p": (0, 1), "min_p": (0, 1), "typical_p": (0, 1),
     "top_k": (0, 1000), "repeat_penalty": (0, 10), "presence_penalty": (-2, 2),
     "frequency_penalty": (-2, 2), "repeat_last_n": (-1, 1_048_576), "num_keep": (-1, 1_048_576),
-    "seed": (-(2**63), 2**63 - 1),
+    "seed": (MIN_INT64, MAX_INT64),
 }
 LOAD_TIME_OPTIONS = {"num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock",
                      "numa", "low_vram", "vocab_only", "f16_kv"}
@@ -79,6 +86,21 @@ class ShowRequest(BaseModel):
 
     model: str | None = None
     name: str | None = None  # the old name of "model"
+
+
+class EmbedRequest(BaseModel):
+    """``/api/embed`` (``input``) and the older ``/api/embeddings`` (``prompt``): only what
+    the gateway reads, or what Ollama would refuse anyway, is checked."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = ""
+    input: StrictStr | list[StrictStr] | None = None
+    prompt: StrictStr | None = None
+    truncate: StrictBool | None = None
+    dimensions: StrictInt | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: int | float | str | None = None
 
 
 @bp.route("/", methods=["GET", "HEAD"])
@@ -121,15 +143,14 @@ def generate() -> Response:
     _check_bounds(body, settings)
     allow_model(body.model)
     payload = _given(body)
-    options = dict(body.options or {})
-    num_predict = options.get("num_predict", -1)
-    # -1 (Ollama's default) means no limit: the configured cap is the limit then.
-    options["num_predict"] = settings.num_predict if num_predict < 0 else min(
-        num_predict, settings.num_predict)
-    options.setdefault("num_ctx", settings.num_ctx)  # another num_ctx reloads the model
-    payload["options"] = options
-    payload.setdefault("keep_alive", settings.keep_alive)
+    options = payload["options"] = sent_options(body.options, settings)
+    _check_context(body, options["num_ctx"])
+    if payload.get("keep_alive") is None:
+        payload["keep_alive"] = settings.keep_alive
     streamed = body.stream is not False
+    # Streamed upstream in every case, so that the timeouts, a cancel and a client that
+    # leaves stop a whole reply too; that one is gathered here (see ollama_whole.py).
+    payload["stream"] = True
     data = _encode(payload)
 
     key = current_key()
@@ -142,7 +163,14 @@ def generate() -> Response:
     try:
         watch = turn.begin()
         upstream = turn.run(lambda abort: state.provider.forward(
-            "POST", request.path, data, wait="stream" if streamed else "whole", abort=abort))
+            "POST", request.path, data, wait="stream", abort=abort))
+        if not streamed:
+            try:
+                status, whole = turn.run(lambda abort: gather_whole(
+                    upstream, watch, count, generate=request.path == "/api/generate"))
+            finally:
+                upstream.close()
+            return Response(whole, status=status, content_type="application/json; charset=utf-8")
         relaying = True
 
         def finish() -> None:
@@ -150,15 +178,37 @@ def generate() -> Response:
             turn.release()
 
         return Response(
-            StreamBody(_relay_pieces(upstream, watch, count, lines=streamed), finish),
+            StreamBody(_relay_lines(upstream, watch, count), finish),
             status=upstream.status, content_type=upstream.content_type,
-            headers={"X-Accel-Buffering": "no"} if streamed else {},
-            direct_passthrough=True,
+            headers={"X-Accel-Buffering": "no"}, direct_passthrough=True,
         )
     finally:
         # A relayed body gives its slot back when it is closed, after the upstream is.
         if not relaying:
             turn.release()
+
+
+@bp.post("/api/embed")
+@bp.post("/api/embeddings")
+def embed() -> Response:
+    """Relay an embedding request in a generation slot; Ollama answers it whole."""
+    body = parse_body(EmbedRequest, any_content_type=True)
+    state = current_state()
+    settings = state.settings
+    problems = option_problems(body.options, settings)
+    if problems:
+        raise ValidationFailed(problems[:20])
+    allow_model(body.model)
+    payload = _given(body)
+    # The configured num_ctx, as a generation gets it: a model used for both (or two
+    # clients that differ) would otherwise be reloaded at each switch.
+    options = payload["options"] = sent_options(body.options, settings)
+    del options["num_predict"]  # an embedding generates nothing
+    if payload.get("keep_alive") is None:
+        payload["keep_alive"] = settings.keep_alive
+    answer = fetch_embeddings(state, request.path, _encode(payload),
+                              client_probe(request.environ), current_key().id)
+    return Response(answer.body, status=answer.status, content_type=answer.content_type)
 
 
 def refuse_management(digest: str = "") -> Response:
@@ -179,11 +229,10 @@ def _relay_whole(method: str, path: str, body: bytes | None = None) -> Response:
     return Response(content, status=upstream.status, content_type=upstream.content_type)
 
 
-def _relay_pieces(upstream: Forwarded, watch: TurnWatch, count: Callable[[int], None],
-                  lines: bool) -> Iterator[bytes]:
-    """Yield Ollama's body as it comes. A failure after the status went out is told as
-    Ollama tells it in a stream: one more line, ``{"error": "..."}``. A single JSON body
-    cut short just ends: a line after half an object would not make it JSON either."""
+def _relay_lines(upstream: Forwarded, watch: TurnWatch,
+                 count: Callable[[int], None]) -> Iterator[bytes]:
+    """Yield Ollama's streamed body as it comes. A failure after the status went out is told
+    as Ollama tells it in a stream: one more line, ``{"error": "..."}``."""
     finished = False
     pieces = 0
     try:
@@ -201,58 +250,88 @@ def _relay_pieces(upstream: Forwarded, watch: TurnWatch, count: Callable[[int], 
             watch.writing = False
     except ProviderError as exc:
         reason = watch.abort.reason if watch.abort.requested else ""
-        if reason == "client_gone" or not lines or finished:
+        if reason == "client_gone" or finished:
             # The reply is whole when only the end of its body failed.
             return
         error = STOPPED[reason]() if reason in STOPPED else exc
         yield OllamaErrorBody(error=error.description).model_dump_json().encode() + b"\n"
     finally:
-        # A stream cut short counts as what it relayed: a line is about a token. A single
-        # JSON body cut short gave its client nothing to use.
-        if not finished and lines and upstream.status == 200:
+        # A stream cut short counts as what it relayed: a line is about a token.
+        if not finished and upstream.status == 200:
             count(pieces)
 
 
 def _check_bounds(body: GenerationRequest, settings: Settings) -> None:
-    """:raise ValidationFailed: 400 (Ollama's API has no 422) for what is out of bounds."""
+    """:raise ValidationFailed: 400 (Ollama's API has no 422) for what is out of bounds.
+
+    A message's length is bounded by the body size and by the model's context (see
+    ``_check_context``), not by a count of its own.
+    """
+    problems = []
+    if body.messages is not None and len(body.messages) > settings.max_messages:
+        problems.append(FieldProblem(
+            field="messages", problem=f"must be at most {settings.max_messages} messages"))
+    if body.tools is not None and len(body.tools) > settings.max_tools:
+        problems.append(FieldProblem(
+            field="tools", problem=f"must be at most {settings.max_tools} tools"))
+    problems += option_problems(body.options, settings)
+    if problems:
+        raise ValidationFailed(problems[:20])
+
+
+def option_problems(options: dict[str, Any] | None, settings: Settings) -> list[FieldProblem]:
+    """What is wrong with a request's Ollama ``options``; one given as null is left out, as
+    Ollama leaves it out, and a ``num_ctx`` above the maximum is capped, not refused."""
     problems = []
 
-    def refuse(field: str, problem: str) -> None:
-        problems.append(FieldProblem(field=field, problem=problem))
+    def refuse(name: str, problem: str) -> None:
+        problems.append(FieldProblem(field=f"options.{name}"[:100], problem=problem))
 
-    for name in ("prompt", "system", "template", "suffix"):
-        text = getattr(body, name)
-        if text is not None and len(text) > settings.max_message_chars:
-            refuse(name, f"must be at most {settings.max_message_chars} characters")
-    for i, message in enumerate((body.messages or [])[:settings.max_messages]):
-        content = message.get("content")
-        if isinstance(content, str) and len(content) > settings.max_message_chars:
-            refuse(f"messages.{i}.content",
-                   f"must be at most {settings.max_message_chars} characters")
-    if body.messages is not None and len(body.messages) > settings.max_messages:
-        refuse("messages", f"must be at most {settings.max_messages} messages")
-    if body.tools is not None and len(body.tools) > settings.max_tools:
-        refuse("tools", f"must be at most {settings.max_tools} tools")
-    for name, value in (body.options or {}).items():
-        field = f"options.{name}"[:100]
+    for name, value in (options or {}).items():
+        if value is None:
+            continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        whole = number and isinstance(value, int)
         if name in LOAD_TIME_OPTIONS:
-            refuse(field, "is a load-time option, which the gateway does not pass on: a "
-                          "change reloads the model")
-        elif name == "num_predict" and (not isinstance(value, int) or isinstance(value, bool)):
-            refuse(field, "must be a whole number")
-        elif name == "num_ctx" and not (isinstance(value, int) and not isinstance(value, bool)
-                                        and 1 <= value <= settings.max_num_ctx):
-            refuse(field, f"must be a whole number from 1 to {settings.max_num_ctx}")
+            refuse(name, "is a load-time option, which the gateway does not pass on: a "
+                         "change reloads the model")
+        elif name == "num_ctx" and not (whole and 1 <= value <= MAX_INT64):
+            refuse(name, f"must be a whole number from 1 to {MAX_INT64}")
+        elif name == "num_predict" and not (whole and MIN_INT64 <= value <= MAX_INT64):
+            refuse(name, "must be a whole number that fits in 64 bits")
         elif name in OPTION_RANGES and not (number and OPTION_RANGES[name][0] <= value
                                             <= OPTION_RANGES[name][1]):
             low, high = OPTION_RANGES[name]
-            refuse(field, f"must be a number from {low:g} to {high:g}")
+            refuse(name, f"must be a number from {low:g} to {high:g}")
         elif name == "stop" and not (isinstance(value, list) and len(value) <= MAX_STOP_SEQUENCES
                                      and all(isinstance(v, str) for v in value)):
-            refuse(field, f"must be a list of at most {MAX_STOP_SEQUENCES} strings")
-    if problems:
-        raise ValidationFailed(problems[:20])
+            refuse(name, f"must be a list of at most {MAX_STOP_SEQUENCES} strings")
+        elif number and not (MIN_INT64 <= value <= MAX_INT64 if whole else math.isfinite(value)):
+            refuse(name, "must be a finite number that fits in 64 bits")
+    return problems
+
+
+def sent_options(options: dict[str, Any] | None, settings: Settings) -> dict[str, Any]:
+    """The checked options as Ollama gets them: without the null ones, ``num_predict`` at
+    most the configured cap, ``num_ctx`` the configured one unless given, and at most
+    ``PI_AGENT_MAX_NUM_CTX``."""
+    sent = {name: value for name, value in (options or {}).items() if value is not None}
+    num_predict = sent.get("num_predict", -1)
+    # -1 (Ollama's default) means no limit: the configured cap is the limit then.
+    sent["num_predict"] = settings.num_predict if num_predict < 0 else min(
+        num_predict, settings.num_predict)
+    # Another num_ctx reloads the model, so it is sent only when asked for.
+    sent["num_ctx"] = min(sent.get("num_ctx", settings.num_ctx), settings.max_num_ctx)
+    return sent
+
+
+def _check_context(body: GenerationRequest, num_ctx: int) -> None:
+    """:raise ContextTooLong: 400 when what Ollama would keep of the request cannot fit."""
+    if body.messages:
+        check_fits(body.messages, num_ctx)
+    prompt = "".join(text for text in (body.system, body.prompt, body.suffix) if text)
+    if prompt:
+        check_text_fits(prompt, num_ctx, "prompt")
 
 
 def _eval_count(piece: bytes) -> int:

@@ -1,11 +1,13 @@
-"""The OpenAI-compatible API: ``POST /v1/chat/completions``, ``GET /v1/models[/<id>]``.
+"""The OpenAI-compatible API: ``POST /v1/chat/completions``, ``POST /v1/embeddings``,
+``GET /v1/models[/<id>]``.
 
 Requests are mapped onto Ollama's ``/api/chat`` and answered in OpenAI's wire format
 (shared/protocols/openai-chat.md), through the same admission control, cancellation,
 timeouts and watchdog as ``/chat``. ``model`` names an Ollama model, or an agent preset as
 ``agent:<name>``. Without an ``X-Conversation-Id`` header the endpoint is stateless, as
 OpenAI's is; with one, the conversation's remembered turns go before the messages and the
-new turn is remembered.
+new turn is remembered. Embeddings go to Ollama's ``/api/embed`` (see openai_embeddings.py),
+in a generation slot too.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .auth import (
 )
 from .chat import Recorder, recorder
 from .config import Settings
+from .embeddings import fetch_embeddings
 from .errors import (
     ClientGone,
     InvalidRequest,
@@ -47,12 +50,14 @@ from .openai_chunks import (
     finish_reason,
     usage_of,
 )
-from .openai_mapping import AGENT_PREFIX, build_call, last_user_text, text_and_images
+from .openai_embeddings import embedding_list, ollama_request
+from .openai_mapping import AGENT_PREFIX, build_call, last_user_text
 from .openai_schemas import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
+    EmbeddingRequest,
     ModelList,
     ModelObject,
     ResponseFunction,
@@ -102,13 +107,12 @@ def chat_completions() -> Response:
     turn = WatchedTurn(state, turn_id, probe, key.id)
     try:
         turn.begin()
-        result = turn.run(lambda abort: state.provider.chat(call, abort))
+        result = turn.collect(state.provider, call, count)
     except ProviderError as exc:
         raise _for_client(exc, body.model) from None
     finally:
         turn.release()
     record(result.content, False, result.done_reason)
-    count(result.completion_tokens)
     message: dict[str, Any] = {"role": "assistant", "content": result.content, "refusal": None}
     if result.tool_calls:
         message["content"] = result.content or None
@@ -127,6 +131,24 @@ def chat_completions() -> Response:
         usage=usage_of(result),
     )
     return _json(completion.model_dump_json(exclude_unset=True))
+
+
+@bp.post("/embeddings")
+def embeddings() -> Response:
+    """Embed text with an Ollama model. Agents make no embeddings: ``agent:<name>`` is an
+    unknown model here."""
+    body = parse_body(EmbeddingRequest)
+    if body.model.startswith(AGENT_PREFIX):
+        raise UnknownModel(body.model)
+    allow_model(body.model)
+    state = current_state()
+    try:
+        answer = fetch_embeddings(state, "/api/embed", ollama_request(body, state.settings),
+                                  client_probe(request.environ), current_key().id)
+        result = embedding_list(body, answer.status, answer.body)
+    except ProviderError as exc:
+        raise _for_client(exc, body.model) from None
+    return _json(result.model_dump_json())
 
 
 @bp.get("/models")
@@ -219,8 +241,9 @@ def _models(state: AppState) -> list[ModelObject]:
 
 
 def _check_bounds(body: ChatCompletionRequest, settings: Settings) -> None:
-    """:raise ValidationFailed: 400 here, for more messages or tools, or a longer message,
-    than the configuration allows."""
+    """:raise ValidationFailed: 400 here, for more messages or tools than the configuration
+    allows. A message's length is bounded by the body size and the model's context (see
+    ``build_call``), not by a count of its own."""
     problems = []
     if len(body.messages) > settings.max_messages:
         problems.append(FieldProblem(
@@ -228,12 +251,6 @@ def _check_bounds(body: ChatCompletionRequest, settings: Settings) -> None:
     if body.tools and len(body.tools) > settings.max_tools:
         problems.append(FieldProblem(
             field="tools", problem=f"must be at most {settings.max_tools} tools"))
-    for i, message in enumerate(body.messages[:settings.max_messages]):
-        if len(text_and_images(message.content, f"messages.{i}.content")[0]) > (
-                settings.max_message_chars):
-            problems.append(FieldProblem(
-                field=f"messages.{i}.content",
-                problem=f"must be at most {settings.max_message_chars} characters"))
     if problems:
         raise ValidationFailed(problems[:20])
 

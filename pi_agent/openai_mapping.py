@@ -11,6 +11,7 @@ from typing import Any
 
 from .agents import Agent, base_options
 from .chat import remembered_messages
+from .context import check_fits, trim_history
 from .errors import InvalidRequest, UnknownModel
 from .openai_schemas import (
     ChatCompletionRequest,
@@ -63,9 +64,12 @@ def build_call(
     messages: list[dict[str, Any]] = []
     if agent is not None:
         messages.append({"role": "system", "content": agent.system_prompt})
+    given = to_ollama_messages(body.messages)
+    check_fits(messages + given, options["num_ctx"])
     if conversation_id and state.memory is not None:
-        messages += remembered_messages(state.memory.get_history(conversation_id))
-    messages += to_ollama_messages(body.messages)
+        history = remembered_messages(state.memory.get_history(conversation_id))
+        messages += trim_history(history, messages + given, options["num_ctx"])
+    messages += given
 
     tools = None
     if body.tools and body.tool_choice != "none":

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 # Models in OpenAI's own terms; a name longer than this is not a model name.
 MAX_MODEL_CHARS = 200
+# The most texts one embeddings request may hold, as in OpenAI's API.
+MAX_EMBEDDING_INPUTS = 2048
 
 
 class _Request(BaseModel):
@@ -116,14 +118,44 @@ class ChatCompletionRequest(_Request):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    # Above 64 bits no model server can take it: refused, where a large one is capped.
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**63 - 1)
     stop: str | list[str] | None = None
     n: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     response_format: ResponseFormat | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+
+
+class EmbeddingRequest(_Request):
+    """``POST /v1/embeddings``. ``input`` is one text or a list of them, read as a list;
+    token ids, which OpenAI also takes, are refused: the model server has a tokenizer of its
+    own, and the gateway none to turn them back into text."""
+
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
+    input: list[str]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1, le=2**63 - 1)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts(cls, value: Any) -> Any:
+        texts = [value] if isinstance(value, str) else value
+        if isinstance(texts, list) and any(
+                isinstance(t, list) or (isinstance(t, int) and not isinstance(t, bool))
+                for t in texts):
+            raise ValueError("must be text, not token ids: send the text itself (with "
+                             "langchain's OpenAIEmbeddings, check_embedding_ctx_length=False)")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("must be a string or a list of strings")
+        # What OpenAI's API refuses too.
+        if not texts or len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"must be 1 to {MAX_EMBEDDING_INPUTS} texts")
+        if not all(texts):
+            raise ValueError("must not be an empty string")
+        return texts
 
 
 # --- responses -------------------------------------------------------------------------
@@ -217,6 +249,24 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelObject]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    embedding: list[float] | str  # a string: base64 of the little-endian float32 values
+    index: int
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class OpenAIError(BaseModel):

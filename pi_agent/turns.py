@@ -7,6 +7,7 @@ Event streams wait differently (they write heartbeats while they wait): see even
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,8 +18,9 @@ from .errors import (
     ProviderTimeout,
     ServerShuttingDown,
     TurnCancelled,
+    UpstreamProtocolError,
 )
-from .providers.base import Abort
+from .providers.base import Abort, ChatCall, ChatChunk, ChatStream, Provider, ToolCall
 from .state import AppState
 from .streaming import TurnWatch, never
 
@@ -85,6 +87,47 @@ class WatchedTurn:
             if self.abort.requested:
                 raise STOPPED.get(self.abort.reason, TurnCancelled)() from None
             raise
+
+    def collect(self, provider: Provider, call: ChatCall,
+                count: Callable[[int], None]) -> ChatChunk:
+        """Stream a reply from the provider and gather it whole, for a client that asked
+        for it at once: so the first-token, idle and total timeouts, cancel and a client
+        that leaves stop it as they stop a stream, which a whole reply, sent by Ollama only
+        at its end, would not allow. The completion tokens are counted with ``count``, also
+        those of a reply cut short.
+
+        :raise ProviderError: the call failed, or was stopped (a subclass that says why).
+        """
+        assert self.watch is not None, "begin() first"
+        watch = self.watch
+        texts: list[str] = []
+        thinking: list[str] = []
+        tool_calls: list[ToolCall] = []
+        last: ChatChunk | None = None
+        chunks = 0
+        stream: ChatStream | None = None
+        try:
+            stream = provider.stream_chat(call, self.abort)
+            for chunk in stream:
+                chunks += 1
+                watch.last_chunk = time.monotonic()
+                texts.append(chunk.content)
+                thinking.append(chunk.thinking)
+                tool_calls += chunk.tool_calls or ()
+                last = chunk
+            if last is None or not last.done:
+                raise UpstreamProtocolError()  # a stream ends with its done chunk
+        except ProviderError:
+            count(chunks)  # cut short, it counts as what it received
+            if self.abort.requested:
+                raise STOPPED.get(self.abort.reason, TurnCancelled)() from None
+            raise
+        finally:
+            if stream is not None:
+                stream.close()
+        count(last.completion_tokens)
+        return ChatChunk("".join(texts), "".join(thinking), True, last.done_reason,
+                         last.prompt_tokens, last.completion_tokens, tool_calls or None)
 
     def release(self) -> None:
         """Stop watching and give the slot back; the upstream must be closed already."""

@@ -17,5 +17,12 @@ stamp="$VENV/.installed-$("$VENV/bin/python" -c 'import hashlib; print(hashlib.s
 if ! { [ -f "$stamp" ] && { [ -z "$EXTRAS" ] || grep -qxF "$EXTRAS" "$stamp"; }; }; then
     echo "installing Pi Agent Server into $VENV" >&2
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".$EXTRAS"
+    if [ -n "$EXTRAS" ]; then
+        # The runtime dependencies alone, as wheels: tests/test_install.py installs the
+        # project from them into a new virtual environment, without reaching an index.
+        rm -rf "$VENV/wheelhouse"
+        "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check \
+            -d "$VENV/wheelhouse" . "setuptools>=68" wheel
+    fi
     echo "$EXTRAS" >> "$stamp"
 fi

@@ -20,13 +20,16 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from . import fake_embeddings
+
 DEFAULT_MODELS = ("llama3.2:1b", "qwen3:0.6b")
 MODIFIED_AT = "2025-05-04T17:37:44.706015396-07:00"  # Go's format: nine digits and an offset
 
 
 @dataclass
 class Script:
-    """How the fake answers ``/api/chat``. The misbehaviours count tokens already sent."""
+    """How the fake answers ``/api/chat``. The misbehaviours count tokens already sent.
+    The embeddings routes heed ``first_token_delay``, ``status`` and ``drop_before_headers``."""
 
     tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
     thinking: list[str] = field(default_factory=list)
@@ -220,6 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/api/show":
             self._show(str(body.get("model") or body.get("name") or ""))
             return
+        if self.path in ("/api/embed", "/api/embeddings"):
+            self._embed(body)
+            return
         if self.path not in ("/api/chat", "/api/generate"):
             self._send(404, b"404 page not found", "text/plain")
             return
@@ -252,6 +258,20 @@ class _Handler(BaseHTTPRequestHandler):
             "model_info": {"general.architecture": "llama", "llama.context_length": 131072},
             "capabilities": ["completion", "tools"], "modified_at": MODIFIED_AT,
         })
+
+    def _embed(self, body: dict[str, Any]) -> None:
+        """Answer as fake_embeddings says, after the script's delay; or fail as scripted."""
+        script = self.fake.script
+        if script.drop_before_headers:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if script.first_token_delay and not self._wait_watching(script.first_token_delay):
+            return
+        status, answer = fake_embeddings.answer(self.path, body, self.fake.models)
+        if status == 200 and script.status != 200:
+            status, answer = script.status, {"error": script.error_text}
+        self._send_json(status, answer)
 
     # --- chat and generate --------------------------------------------------------------
 

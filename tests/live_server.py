@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -20,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 30
 
 
-def gunicorn_command(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra, "wsgi:app"]
+def gunicorn_command(*extra: str, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra, "wsgi:app"]
 
 
 def server_env(**settings: str) -> dict[str, str]:
@@ -30,16 +31,39 @@ def server_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def wait_ready(process: subprocess.Popen[bytes], log: Path, listening: str) -> str:
+    """Wait until the server's log names its port (group 1 of ``listening``) and /health
+    answers there; return its URL."""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    url = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited early:\n{log.read_text()}")
+        if url is None:
+            found = re.search(listening, log.read_text())
+            url = f"http://127.0.0.1:{found.group(1)}" if found else None
+        if url is not None:
+            try:
+                if requests.get(url + "/health", timeout=1).status_code == 200:
+                    return url
+            except requests.RequestException:
+                pass  # not listening yet, or the worker is still booting
+        time.sleep(0.05)
+    raise RuntimeError(f"the server was not ready in {STARTUP_SECONDS} s:\n{log.read_text()}")
+
+
 class Gunicorn:
     """A gunicorn master and its worker, started on 127.0.0.1 port 0 and stopped by pid."""
 
-    def __init__(self, log: Path, *args: str, **settings: str) -> None:
-        """``args`` go to gunicorn, ``settings`` become PI_AGENT_* variables."""
+    def __init__(self, log: Path, *args: str, python: str = sys.executable, cwd: Path = ROOT,
+                 **settings: str) -> None:
+        """``args`` go to gunicorn, ``settings`` become PI_AGENT_* variables; ``python`` and
+        ``cwd`` are another installation's interpreter and checkout."""
         self.log = log
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                gunicorn_command(*args), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                env=server_env(BIND="127.0.0.1:0", **settings),
+                gunicorn_command(*args, python=python), cwd=cwd, stdout=out,
+                stderr=subprocess.STDOUT, env=server_env(BIND="127.0.0.1:0", **settings),
             )
         try:
             self.url = self._wait_ready()
@@ -48,24 +72,9 @@ class Gunicorn:
             raise
 
     def _wait_ready(self) -> str:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        url = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited early:\n{self.log.read_text()}")
-            if url is None:
-                # A server bound to every address is reached on loopback too.
-                found = re.search(r"Listening at: http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)",
-                                  self.log.read_text())
-                url = f"http://127.0.0.1:{found.group(1)}" if found else None
-            if url is not None:
-                try:
-                    if requests.get(url + "/health", timeout=1).status_code == 200:
-                        return url
-                except requests.RequestException:
-                    pass  # not listening yet, or the worker is still booting
-            time.sleep(0.05)
-        raise RuntimeError(f"gunicorn not ready in {STARTUP_SECONDS} s:\n{self.log.read_text()}")
+        # A server bound to every address is reached on loopback too.
+        return wait_ready(self.process, self.log,
+                          r"Listening at: http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -78,9 +87,49 @@ class Gunicorn:
 
 
 @contextmanager
-def serving(log: Path, *args: str, **settings: str) -> Iterator[Gunicorn]:
+def serving(log: Path, *args: str, **options: Any) -> Iterator[Gunicorn]:
     """A ``Gunicorn`` for a ``with`` block, stopped after it; it must exit cleanly."""
-    server = Gunicorn(log, *args, **settings)
+    server = Gunicorn(log, *args, **options)
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, server.log.read_text()
+
+
+class Waitress:
+    """waitress-serve with ``wsgi:app``, started on 127.0.0.1 port 0 and stopped by pid."""
+
+    def __init__(self, log: Path, *args: str, app: str = "wsgi:app", **settings: str) -> None:
+        """``args`` go to waitress-serve, ``settings`` become PI_AGENT_* variables."""
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "waitress", "--listen=127.0.0.1:0", *args, app],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=server_env(**settings),
+            )
+        try:
+            # waitress logs the port it was given for port 0.
+            self.url = wait_ready(self.process, log, r"Serving on http://127\.0\.0\.1:(\d+)")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            # waitress has no SIGTERM handler; on SIGINT it closes its sockets and exits 0.
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextmanager
+def serving_waitress(log: Path, *args: str, **options: str) -> Iterator[Waitress]:
+    """A ``Waitress`` for a ``with`` block, stopped after it; it must exit cleanly."""
+    server = Waitress(log, *args, **options)
     try:
         yield server
     finally:
@@ -91,7 +140,8 @@ def serving(log: Path, *args: str, **settings: str) -> Iterator[Gunicorn]:
 class RawStream:
     """A POST answered over a plain socket, so that a test can drop it at any point."""
 
-    def __init__(self, server: Gunicorn, path: str = "/chat/stream", **body: Any) -> None:
+    def __init__(self, server: Gunicorn | Waitress, path: str = "/chat/stream",
+                 **body: Any) -> None:
         port = int(server.url.rsplit(":", 1)[1])
         payload = json.dumps({"message": "hello", **body}).encode()
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -51,7 +51,8 @@ def test_upstream_request_is_explicit(client: FlaskClient, fake_ollama: FakeOlla
     post_chat(client, message="what is a Pi?")
     (sent,) = fake_ollama.chat_requests()
     assert sent["model"] == "llama3.2:1b"
-    assert sent["stream"] is False
+    # Streamed upstream also for a whole reply: so the timeouts and cancel can stop it.
+    assert sent["stream"] is True
     assert sent["options"] == {"temperature": 0.7, "num_ctx": 2048, "num_predict": 512}
     assert sent["keep_alive"] == "30m"
     system, user = sent["messages"]
@@ -467,13 +468,23 @@ def test_plain_text_idle_and_total_timeouts(
     assert text.endswith("\n[error] the model server did not answer in time\n")
 
 
-def test_non_stream_waits_up_to_the_total_timeout(
+def test_non_stream_turns_keep_the_first_token_and_idle_timeouts(
     make_app: Callable[..., Flask], fake_ollama: FakeOllama
 ) -> None:
-    # A whole reply may take longer than the first-token timeout: it comes only when done.
-    fake_ollama.script = Script(tokens=["slow"], first_token_delay=1)
-    app = make_app(FIRST_TOKEN_TIMEOUT=0.3, TOTAL_TIMEOUT=5)
-    assert post_chat(app.test_client()).get_json()["reply"] == "slow"
+    # A whole reply is streamed from Ollama too, so a model that never sends its first
+    # token (a cold load that never ends) is seen within the first-token timeout...
     fake_ollama.script = Script(tokens=["slow"], first_token_delay=3)
-    response = post_chat(make_app(FIRST_TOKEN_TIMEOUT=0.3, TOTAL_TIMEOUT=1).test_client())
+    app = make_app(FIRST_TOKEN_TIMEOUT=1, TOTAL_TIMEOUT=60)
+    response = post_chat(app.test_client())
     assert response.status_code == 504
+    assert response.get_json()["error"]["code"] == "upstream_timeout"
+    assert fake_ollama.client_closed.wait(5)  # the upstream call was closed
+    # ...and one that goes silent after it within the idle timeout.
+    fake_ollama.reset()
+    fake_ollama.script = Script(tokens=["a", "b", "c"], token_delay=3)
+    app = make_app(FIRST_TOKEN_TIMEOUT=5, IDLE_TIMEOUT=1, TOTAL_TIMEOUT=60)
+    response = post_chat(app.test_client())
+    assert response.status_code == 504
+    assert fake_ollama.client_closed.wait(5)
+    assert fake_ollama.tokens_sent == 1
+    assert state(app).admission.running == 0

@@ -7,16 +7,19 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ollama
 import pytest
 import requests
+from flask import Flask
 
 from .fake_ollama import FakeOllama, Script
 from .live_server import Gunicorn, serving
 
 MODEL = "llama3.2:1b"
+OSLO_CALL = {"id": "call_k3j9x0ab",
+             "function": {"index": 0, "name": "get_weather", "arguments": {"city": "Oslo"}}}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,8 @@ def test_chat(client: ollama.Client, fake: FakeOllama) -> None:
                              stream=True))
     assert [p.message.content for p in parts] == ["Hello", ",", " world", "!", ""]
     assert parts[-1].done is True
-    assert [r["stream"] for r in fake.chat_requests()] == [False, True]
+    # Streamed upstream also for a whole reply: so the timeouts and cancel can stop it.
+    assert [r["stream"] for r in fake.chat_requests()] == [True, True]
 
 
 def test_generate(client: ollama.Client, fake: FakeOllama) -> None:
@@ -104,6 +108,92 @@ def test_gateway_limits_are_applied(client: ollama.Client, fake: FakeOllama) -> 
     assert [r["options"]["num_predict"] for r in sent] == [300, 300, 20]
     assert [r["options"]["num_ctx"] for r in sent] == [2048, 4096, 2048]
     assert [r["keep_alive"] for r in sent] == ["30m", "5m", "30m"]
+
+
+def test_null_options_are_left_out_and_num_ctx_is_capped(server: Gunicorn, fake: FakeOllama
+                                                         ) -> None:
+    # What llama-index's Ollama class sends by default: the context length it read from
+    # /api/show, and a temperature it was not given.
+    options = {"temperature": None, "num_ctx": 131072, "top_k": None}
+    reply = requests.post(server.url + "/api/chat", timeout=10, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False,
+        "options": options, "keep_alive": None})
+    assert reply.status_code == 200, reply.text
+    [sent] = fake.chat_requests()
+    assert sent["options"] == {"num_ctx": 8192, "num_predict": 300}  # PI_AGENT_MAX_NUM_CTX
+    assert sent["keep_alive"] == "30m"
+
+
+def test_long_messages_fit_the_context_or_are_refused(server: Gunicorn, fake: FakeOllama
+                                                      ) -> None:
+    document = "word " * 1500  # 7,500 characters: more than /chat takes, within 2048 tokens
+    history = [{"role": "user", "content": "x" * 9000}, {"role": "assistant", "content": "ok"}]
+    fits = requests.post(server.url + "/api/chat", timeout=10, json={
+        "model": MODEL, "stream": False,
+        "messages": history + [{"role": "user", "content": document}]})
+    assert fits.status_code == 200, fits.text  # Ollama drops the old message, not the gateway
+    assert fake.chat_requests()[-1]["messages"][-1]["content"] == document
+    too_long = requests.post(server.url + "/api/chat", timeout=10, json={
+        "model": MODEL, "messages": [{"role": "system", "content": "s" * 6000},
+                                     {"role": "user", "content": document}]})
+    assert too_long.status_code == 400
+    assert "context of 2048 (num_ctx)" in too_long.json()["error"]
+    # A larger num_ctx, asked for, makes room (up to PI_AGENT_MAX_NUM_CTX).
+    larger = requests.post(server.url + "/api/generate", timeout=10, json={
+        "model": MODEL, "prompt": "s" * 6000 + document, "stream": False,
+        "options": {"num_ctx": 4096}})
+    assert larger.status_code == 200, larger.text
+    assert len(fake.chat_requests()) == 1
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/chat", {"messages": [{"role": "user", "content": "<b>hi</b> & more"}]}),
+    ("/api/generate", {"prompt": "<b>hi</b> & more"}),
+])
+def test_a_whole_reply_is_what_ollama_answers(server: Gunicorn, fake: FakeOllama, path: str,
+                                              body: dict[str, object]) -> None:
+    fake.script = Script(tokens=["<b>", "Hello", "</b>", " & bye"], thinking=["hm", "m"],
+                         tool_calls=[OSLO_CALL] if path == "/api/chat" else [])
+    request = {"model": MODEL, "stream": False, "keep_alive": "30m",
+               "options": {"num_predict": 300, "num_ctx": 2048}, **body}
+    gathered = requests.post(server.url + path, json=request, timeout=10)
+    # What Ollama (here the fake) answers itself when asked for a whole reply.
+    direct = requests.post(fake.url + path, json=request, timeout=10)
+    assert gathered.status_code == direct.status_code == 200
+    assert gathered.headers["Content-Type"] == direct.headers["Content-Type"]
+    assert b"\\u003cb\\u003e" in gathered.content  # Go's escaping
+    mine, theirs = gathered.json(), direct.json()
+    for reply in (mine, theirs):
+        del reply["created_at"]
+    assert mine == theirs
+    assert fake.requests[0]["stream"] is True  # the gateway's own request was a stream
+
+
+def test_a_whole_reply_that_fails_midway(client: ollama.Client, fake: FakeOllama) -> None:
+    fake.script = Script(error_after=2, error_text="an error was encountered while running")
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=False)
+    assert info.value.status_code == 500
+    assert info.value.error == "an error was encountered while running"
+    fake.script = Script(drop_after=2)
+    with pytest.raises(ollama.ResponseError) as info:
+        client.generate(model=MODEL, prompt="hi", stream=False)
+    assert info.value.status_code == 502
+
+
+def test_a_whole_reply_keeps_the_timeouts(make_app: Callable[..., Flask],
+                                          fake_ollama: FakeOllama) -> None:
+    client = make_app(FIRST_TOKEN_TIMEOUT=1, IDLE_TIMEOUT=1, TOTAL_TIMEOUT=60).test_client()
+    fake_ollama.script = Script(first_token_delay=3)  # a cold load that does not end
+    silent = client.post("/api/generate", json={"model": MODEL, "prompt": "x", "stream": False})
+    assert silent.status_code == 504
+    assert silent.get_json() == {"error": "the model server did not answer in time"}
+    fake_ollama.script = Script(tokens=["a", "b", "c"], token_delay=3)  # silent after a token
+    idle = client.post("/api/chat", json={"model": MODEL, "stream": False,
+                                          "messages": [{"role": "user", "content": "x"}]})
+    assert idle.status_code == 504
+    assert fake_ollama.client_closed.wait(5)
+    assert fake_ollama.tokens_sent == 1
 
 
 def test_upstream_errors_keep_their_status_and_body(client: ollama.Client, fake: FakeOllama

@@ -86,7 +86,8 @@ def test_non_stream_completion(client: openai.OpenAI, fake: FakeOllama) -> None:
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens,
             completion.usage.total_tokens) == (12, 4, 16)
     [sent] = fake.chat_requests()
-    assert sent["stream"] is False and sent["model"] == MODEL
+    # Streamed upstream also for a whole reply: so the timeouts and cancel can stop it.
+    assert sent["stream"] is True and sent["model"] == MODEL
 
 
 def test_the_wire_format_of_a_non_stream_answer(server: Gunicorn, fake: FakeOllama) -> None:
@@ -177,6 +178,34 @@ def test_parameters_are_mapped_to_ollama(client: openai.OpenAI, fake: FakeOllama
                                "frequency_penalty": -0.5, "stop": ["END"]}
     assert sent["format"] == "json" and sent["think"] == "low"
     assert "tools" not in sent
+
+
+def test_long_messages_and_the_context(client: openai.OpenAI, fake: FakeOllama,
+                                       conversation_id: str) -> None:
+    header = {"X-Conversation-Id": conversation_id}
+    first, second = "x" * 7000, "y" * 7000  # each more than /chat takes, within 2048 tokens
+    assert ask(client, first, extra_headers=header).choices[0].message.content
+    ask(client, second, extra_headers=header)
+    # Both turns together would not fit: the remembered one is left out, oldest first.
+    assert [m["content"] for m in fake.chat_requests()[-1]["messages"]] == [second]
+    ask(client, "short", extra_headers=header)
+    assert [m["content"] for m in fake.chat_requests()[-1]["messages"]] == [
+        second, "Hello, world!", "short"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[
+            {"role": "system", "content": "s" * 6000}, {"role": "user", "content": first}])
+    assert refused.value.code == "context_length_exceeded"
+    assert refused.value.param == "messages"
+    assert "context of 2048 (num_ctx)" in refused.value.message
+    assert len(fake.chat_requests()) == 3
+
+
+def test_numbers_beyond_64_bits_are_refused(client: openai.OpenAI, fake: FakeOllama) -> None:
+    for name in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            ask(client, **{name: 10**30})
+        assert refused.value.param == name
+    assert fake.chat_requests() == []
 
 
 def test_limits_and_formats(client: openai.OpenAI, fake: FakeOllama) -> None:

@@ -289,6 +289,16 @@ def test_a_turn_cut_short_counts_what_it_relayed(
     assert refused.status_code == 429
 
 
+def test_a_non_stream_turn_cut_short_counts_what_it_received(
+    client: FlaskClient, keys: Keys, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.script = Script(tokens=[f"t{i}" for i in range(10)], error_after=6)
+    cut = chat(client, keys.tokens)
+    assert cut.status_code == 502
+    refused = chat(client, keys.tokens)  # six tokens generated: more than the five a day
+    assert refused.status_code == 429
+
+
 def test_completion_tokens_per_day(client: FlaskClient, keys: Keys) -> None:
     # The fake answers with four tokens; the key may use five a day.
     first = chat(client, keys.tokens)
@@ -450,21 +460,31 @@ HOSTILE: list[tuple[str, str, str, str, dict[str, str], Any, int]] = [
      {"model": MODEL, "messages": USER}, 401),
     ("agent out of scope on /v1", CODER, "POST", "/v1/chat/completions", {},
      {"model": "agent:general", "messages": USER}, 403),
-    ("enormous num_ctx", ALL, "POST", "/api/chat", {},
-     {"model": MODEL, "messages": USER, "options": {"num_ctx": 10**9}}, 400),
+    ("num_ctx beyond 64 bits", ALL, "POST", "/api/chat", {},
+     {"model": MODEL, "messages": USER, "options": {"num_ctx": 10**30}}, 400),
+    ("num_predict beyond 64 bits", ALL, "POST", "/api/chat", {},
+     {"model": MODEL, "messages": USER, "options": {"num_predict": 10**30}}, 400),
+    ("an infinite option", ALL, "POST", "/api/chat", {},
+     {"model": MODEL, "messages": USER, "options": {"mirostat_tau": float("inf")}}, 400),
+    ("max_completion_tokens beyond 64 bits", ALL, "POST", "/v1/chat/completions", {},
+     {"model": MODEL, "messages": USER, "max_completion_tokens": 10**30}, 400),
+    ("max_tokens beyond 64 bits", ALL, "POST", "/v1/chat/completions", {},
+     {"model": MODEL, "messages": USER, "max_tokens": 10**30}, 400),
     ("num_predict as text", ALL, "POST", "/api/chat", {},
      {"model": MODEL, "messages": USER, "options": {"num_predict": "lots"}}, 400),
     ("temperature out of range", ALL, "POST", "/api/chat", {},
      {"model": MODEL, "messages": USER, "options": {"temperature": 99}}, 400),
     ("load-time option", ALL, "POST", "/api/generate", {},
      {"model": MODEL, "prompt": "a", "options": {"num_gpu": 99}}, 400),
-    ("prompt too long", ALL, "POST", "/api/generate", {},
-     {"model": MODEL, "prompt": "a" * 5000}, 400),
-    ("system prompt too long", ALL, "POST", "/api/generate", {},
-     {"model": MODEL, "prompt": "a", "system": "s" * 5000}, 400),
-    ("message too long on /v1", ALL, "POST", "/v1/chat/completions", {},
+    ("prompt beyond the context", ALL, "POST", "/api/generate", {},
+     {"model": MODEL, "prompt": "a" * 20_000}, 400),
+    ("system prompt beyond the context", ALL, "POST", "/api/generate", {},
+     {"model": MODEL, "prompt": "a", "system": "s" * 20_000}, 400),
+    ("message beyond the context on /api", ALL, "POST", "/api/chat", {},
+     {"model": MODEL, "messages": [{"role": "user", "content": "a" * 20_000}]}, 400),
+    ("message beyond the context on /v1", ALL, "POST", "/v1/chat/completions", {},
      {"model": MODEL, "messages": [{"role": "user", "content": [
-         {"type": "text", "text": "a" * 3000}, {"type": "text", "text": "b" * 3000}]}]}, 400),
+         {"type": "text", "text": "a" * 6000}, {"type": "text", "text": "b" * 6000}]}]}, 400),
     ("too many Ollama messages", ALL, "POST", "/api/chat", {},
      {"model": MODEL, "messages": USER * 100}, 400),
     ("options not an object", ALL, "POST", "/api/chat", {},

@@ -37,9 +37,7 @@ class ToolCall:
 @dataclass(slots=True)
 class ChatChunk:
     """A piece of a reply; the last one has ``done`` set, a ``done_reason`` and the counts.
-
-    A non-stream call returns a single chunk with the whole reply and ``done`` set.
-    """
+    A whole reply gathered from a stream is one chunk with ``done`` set."""
 
     content: str = ""
     thinking: str = ""
@@ -117,8 +115,6 @@ class Provider(Protocol):
     """A model server. Every failure is raised as a ``ProviderError`` subclass."""
 
     name: str
-
-    def chat(self, call: ChatCall, abort: Abort | None = None) -> ChatChunk: ...
 
     def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> ChatStream: ...
 

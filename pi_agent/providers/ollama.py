@@ -107,7 +107,8 @@ class OllamaProvider:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
-        # A non-stream reply comes only once it is whole, so its one wait is longer.
+        # A relayed /api generation with "stream": false comes only once it is whole, so its
+        # one wait is longer.
         self.whole_reply_timeout = (connect_timeout, whole_reply_timeout or read_timeout)
         if session is None:
             session = requests.Session()
@@ -135,27 +136,6 @@ class OllamaProvider:
         return cls(settings.ollama_url, settings.connect_timeout, settings.first_token_timeout,
                    whole_reply_timeout=max(settings.first_token_timeout, settings.total_timeout))
 
-    def chat(self, call: ChatCall, abort: Abort | None = None) -> ChatChunk:
-        """Ask for a whole reply at once; ``abort`` works as for ``stream_chat``.
-
-        :raise ProviderError: a subclass for each way the call can fail.
-        """
-        _current.abort = abort
-        try:
-            response = self._post_chat(call, stream=False)
-        finally:
-            _current.abort = None
-        try:
-            chunk = parse_line(response.content)
-        except requests.RequestException as exc:
-            raise _translate(exc) from exc
-        finally:
-            response.close()
-        if not chunk.done:
-            logger.warning("ollama sent a non-stream reply without done:true")
-            raise UpstreamProtocolError()
-        return chunk
-
     def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> OllamaStream:
         """Start a streamed reply; returns once Ollama has sent its headers and first token.
 
@@ -166,7 +146,7 @@ class OllamaProvider:
         """
         _current.abort = abort
         try:
-            response = self._post_chat(call, stream=True)
+            response = self._post_chat(call)
         finally:
             _current.abort = None
         return OllamaStream(response)
@@ -231,11 +211,13 @@ class OllamaProvider:
     def close(self) -> None:
         self.session.close()
 
-    def _post_chat(self, call: ChatCall, stream: bool) -> requests.Response:
+    def _post_chat(self, call: ChatCall) -> requests.Response:
         payload: dict[str, Any] = {
             "model": call.model,
             "messages": call.messages,
-            "stream": stream,
+            # Streamed also for a client that wants the reply whole: the timeouts, a cancel
+            # and a client that leaves can then stop it before its end.
+            "stream": True,
             "options": call.options,
             "keep_alive": call.keep_alive,
         }
@@ -249,13 +231,12 @@ class OllamaProvider:
         request.prepare_body(json.dumps(payload).encode(), None)
         started = time.perf_counter()
         try:
-            timeout = self.timeout if stream else self.whole_reply_timeout
-            response = self._adapter.send(request, stream=stream, timeout=timeout)
+            response = self._adapter.send(request, stream=True, timeout=self.timeout)
         except requests.RequestException as exc:
             raise _translate(exc) from exc
         logger.info(
-            "ollama /api/chat model=%s stream=%s status=%d after %.0f ms",
-            call.model, stream, response.status_code, (time.perf_counter() - started) * 1000,
+            "ollama /api/chat model=%s status=%d after %.0f ms",
+            call.model, response.status_code, (time.perf_counter() - started) * 1000,
         )
         if response.status_code != 200:
             try:
