@@ -1,10 +1,11 @@
 """Gunicorn settings for Pi Agent Server: one gevent worker, made for long streams.
 
-Imports only pi_agent.config, pi_agent.keys and pi_agent.exposure, which load neither ssl
-nor requests: the gevent worker patches the standard library after the fork, and modules
+Imports only pi_agent.config, pi_agent.keys, pi_agent.exposure and pi_agent.hosts, which load
+neither ssl nor requests: the gevent worker patches the standard library after the fork, and modules
 loaded before it stay unpatched. gevent itself is loaded after the fork too (see
 pi_agent/worker.py), so the master, which serves no request, stays about 5 MiB smaller.
 """
+import math
 import sys
 
 from pi_agent.config import ConfigError, load_settings
@@ -24,7 +25,8 @@ worker_connections = 2000
 # Building the app in the master would import ssl and requests before gevent patches them.
 preload_app = False
 # The gevent worker notifies the master from its own greenlet, so a stream that runs for
-# minutes does not trip this; it only catches a worker whose loop is stuck.
+# minutes does not trip this; it only catches a worker whose loop is stuck. (The sync worker
+# cannot: _fit_worker raises it for that one.)
 timeout = 60
 # On SIGTERM, streams still running get this long to finish.
 graceful_timeout = 60
@@ -53,6 +55,52 @@ def on_starting(server):
         sys.exit(f"pi-agent: {reason}")
     if settings.auth == "off":
         server.log.warning("pi-agent: PI_AGENT_AUTH=off: every request is served without a key")
+    _fit_worker(server, settings)
+
+
+def on_reload(server):
+    """On SIGHUP gunicorn reads this file again and copies its timeout anew: fit it again."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        server.log.error("pi-agent: %s; the worker settings stay as this file has them", exc)
+        return
+    _fit_worker(server, settings)
+
+
+# A sync worker's turn may run this long past PI_AGENT_TOTAL_TIMEOUT: the connection to
+# Ollama, reading the history, writing the reply and the memory.
+SYNC_TIMEOUT_MARGIN = 30
+
+
+def _fit_worker(server, settings):
+    """Fit gunicorn's settings to the worker it runs: "-k" on the command line overrides
+    worker_class, and a thread or a process per request needs other settings than gevent.
+
+    The sync worker tells the master that it is alive only between two requests, so the
+    master kills it (SIGABRT: an HTML 500 and the memory of the whole process lost) when one
+    turn lasts longer than ``timeout``: raise that above the longest turn. The gthread worker
+    tells it from its own loop, whatever its threads do, but a turn holds a thread while it
+    runs and while it waits in the queue: give it a thread for each, and a few to spare
+    (a --threads below that is raised too; PI_AGENT_MAX_QUEUE is the setting to lower).
+    """
+    from pi_agent.hosts import SPARE_THREADS, threads_needed
+
+    worker = server.cfg.worker_class_str
+    if worker in ("sync", "gunicorn.workers.sync.SyncWorker") and server.cfg.timeout:
+        needed = math.ceil(settings.total_timeout) + SYNC_TIMEOUT_MARGIN
+        if server.cfg.timeout < needed:
+            server.cfg.set("timeout", needed)
+            server.timeout = needed  # the Arbiter copied the setting before this hook ran
+            server.log.info("pi-agent: timeout raised to %d s for the sync worker "
+                            "(PI_AGENT_TOTAL_TIMEOUT + %d s)", needed, SYNC_TIMEOUT_MARGIN)
+    elif worker in ("gthread", "gunicorn.workers.gthread.ThreadWorker"):
+        needed = threads_needed(settings)
+        if server.cfg.threads < needed:
+            server.cfg.set("threads", needed)
+            server.log.info("pi-agent: threads raised to %d for the gthread worker "
+                            "(PI_AGENT_MAX_CONCURRENT + PI_AGENT_MAX_QUEUE + %d)",
+                            needed, SPARE_THREADS)
 
 
 def post_worker_init(worker):

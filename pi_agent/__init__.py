@@ -32,6 +32,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .admission import Admission
     from .errors import register_error_handlers
     from .events import RunningTurns
+    from .hosts import watch_host
     from .keys import KeyFileError, KeyRing
     from .limits import Limits
     from .lifecycle import Shutdown
@@ -105,6 +106,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(conversations.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(ollama_api.bp)
+    watch_host(app, settings)
     return app
 
 
@@ -118,3 +120,6 @@ def _configure_logging(level: str) -> None:
             logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
         )
         logger.addHandler(handler)
+        # A host may give the root logger a handler after the app is built (waitress-serve
+        # does); the lines would then be written twice.
+        logger.propagate = False

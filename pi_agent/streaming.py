@@ -47,12 +47,15 @@ def never() -> bool:
 def client_probe(environ: dict[str, Any]) -> Callable[[], bool] | None:
     """Return a check that the client closed its connection, without writing to it.
 
-    gunicorn puts the client socket in the environ; other WSGI servers may not, and then
-    there is no check (None) and a disconnect is noticed at the next write.
+    gunicorn puts the client socket in the environ, and waitress a check of its own (which
+    sees a client leave only with waitress's ``channel_request_lookahead`` above 0; see
+    docs/deployment.md). Other WSGI servers (mod_wsgi) offer neither: then there is no
+    check (None) and a disconnect is noticed at the next write.
     """
     sock = environ.get("gunicorn.socket")
     if sock is None:
-        return None
+        waitress_check = environ.get("waitress.client_disconnected")
+        return waitress_check if callable(waitress_check) else None
 
     def client_gone() -> bool:
         # Peek through a duplicate of the socket, without ever waiting: the WSGI server's
