@@ -124,6 +124,28 @@ def test_null_options_are_left_out_and_num_ctx_is_capped(server: Gunicorn, fake:
     assert sent["keep_alive"] == "30m"
 
 
+def test_numbers_no_model_server_takes_are_refused(server: Gunicorn, fake: FakeOllama) -> None:
+    for options in ({"num_predict": 10**30}, {"num_ctx": 10**30}, {"seed": 10**30}):
+        refused = requests.post(server.url + "/api/chat", timeout=10, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "options": options})
+        assert refused.status_code == 400, options
+        assert "options." in refused.json()["error"]
+    refused = requests.post(server.url + "/api/generate", timeout=10, headers={
+        "Content-Type": "application/json"}, data=b'{"model": "llama3.2:1b", "prompt": "hi", '
+                                                  b'"options": {"mirostat_tau": Infinity}}')
+    assert refused.status_code == 400
+    assert list(fake.requests) == []
+
+
+def test_a_whole_reply_over_its_time_is_504(server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(tokens=[f"t{i}" for i in range(100)], token_delay=0.1)
+    response = requests.post(server.url + "/api/generate", timeout=20, json={
+        "model": MODEL, "prompt": "x", "stream": False})  # TOTAL_TIMEOUT is 4 s
+    assert response.status_code == 504
+    assert response.json() == {"error": "the model server did not answer in time"}
+    assert fake.client_closed.wait(5)
+
+
 def test_long_messages_fit_the_context_or_are_refused(server: Gunicorn, fake: FakeOllama
                                                       ) -> None:
     document = "word " * 1500  # 7,500 characters: more than /chat takes, within 2048 tokens

@@ -200,6 +200,14 @@ def test_long_messages_and_the_context(client: openai.OpenAI, fake: FakeOllama,
     assert len(fake.chat_requests()) == 3
 
 
+def test_a_whole_reply_keeps_the_total_timeout(client: openai.OpenAI, fake: FakeOllama) -> None:
+    fake.script = Script(tokens=[f"t{i}" for i in range(100)], token_delay=0.1)
+    with pytest.raises(openai.InternalServerError) as info:
+        ask(client)  # TOTAL_TIMEOUT is 4 s
+    assert info.value.status_code == 504
+    assert fake.client_closed.wait(5)
+
+
 def test_numbers_beyond_64_bits_are_refused(client: openai.OpenAI, fake: FakeOllama) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         with pytest.raises(openai.BadRequestError) as refused:
