@@ -11,9 +11,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -86,15 +86,9 @@ class Gunicorn:
                 self.process.wait()
 
 
-@contextmanager
-def serving(log: Path, *args: str, **options: Any) -> Iterator[Gunicorn]:
+def serving(log: Path, *args: str, **options: Any) -> AbstractContextManager[Gunicorn]:
     """A ``Gunicorn`` for a ``with`` block, stopped after it; it must exit cleanly."""
-    server = Gunicorn(log, *args, **options)
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert server.process.returncode == 0, server.log.read_text()
+    return _stopped_after(Gunicorn(log, *args, **options))
 
 
 class Waitress:
@@ -126,10 +120,16 @@ class Waitress:
                 self.process.wait()
 
 
-@contextmanager
-def serving_waitress(log: Path, *args: str, **options: str) -> Iterator[Waitress]:
+def serving_waitress(log: Path, *args: str, **options: str) -> AbstractContextManager[Waitress]:
     """A ``Waitress`` for a ``with`` block, stopped after it; it must exit cleanly."""
-    server = Waitress(log, *args, **options)
+    return _stopped_after(Waitress(log, *args, **options))
+
+
+ServerT = TypeVar("ServerT", Gunicorn, Waitress)
+
+
+@contextmanager
+def _stopped_after(server: ServerT) -> Iterator[ServerT]:
     try:
         yield server
     finally:
