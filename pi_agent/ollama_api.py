@@ -142,11 +142,8 @@ def generate() -> Response:
     settings = state.settings
     _check_bounds(body, settings)
     allow_model(body.model)
-    payload = _given(body)
-    options = payload["options"] = sent_options(body.options, settings)
-    _check_context(body, options["num_ctx"])
-    if payload.get("keep_alive") is None:
-        payload["keep_alive"] = settings.keep_alive
+    payload = _upstream_body(body, settings)
+    _check_context(body, payload["options"]["num_ctx"])
     streamed = body.stream is not False
     # Streamed upstream in every case, so that the timeouts, a cancel and a client that
     # leaves stop a whole reply too; that one is gathered here (see ollama_whole.py).
@@ -199,13 +196,10 @@ def embed() -> Response:
     if problems:
         raise ValidationFailed(problems[:20])
     allow_model(body.model)
-    payload = _given(body)
     # The configured num_ctx, as a generation gets it: a model used for both (or two
     # clients that differ) would otherwise be reloaded at each switch.
-    options = payload["options"] = sent_options(body.options, settings)
-    del options["num_predict"]  # an embedding generates nothing
-    if payload.get("keep_alive") is None:
-        payload["keep_alive"] = settings.keep_alive
+    payload = _upstream_body(body, settings)
+    del payload["options"]["num_predict"]  # an embedding generates nothing
     answer = fetch_embeddings(state, request.path, _encode(payload),
                               client_probe(request.environ), current_key().id)
     return Response(answer.body, status=answer.status, content_type=answer.content_type)
@@ -332,6 +326,17 @@ def _check_context(body: GenerationRequest, num_ctx: int) -> None:
     prompt = "".join(text for text in (body.system, body.prompt, body.suffix) if text)
     if prompt:
         check_text_fits(prompt, num_ctx, "prompt")
+
+
+def _upstream_body(body: GenerationRequest | EmbedRequest, settings: Settings
+                   ) -> dict[str, Any]:
+    """The body as Ollama gets it: the client's fields, the options as ``sent_options``
+    makes them, and the configured ``keep_alive`` unless the client gave one."""
+    payload = _given(body)
+    payload["options"] = sent_options(body.options, settings)
+    if payload.get("keep_alive") is None:
+        payload["keep_alive"] = settings.keep_alive
+    return payload
 
 
 def _eval_count(piece: bytes) -> int:
