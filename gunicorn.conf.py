@@ -32,6 +32,9 @@ timeout = 60
 graceful_timeout = 60
 keepalive = 5
 accesslog = "-"
+# gunicorn's default, without the query string (a key put in a URL by mistake must not be
+# written to the log), the Basic-auth user and the Referer (which may hold either).
+access_log_format = '%(h)s - - %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s"'
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 # gunicorn 24+ opens a control socket in a shared path by default; nothing here uses it, and
@@ -56,6 +59,23 @@ def on_starting(server):
     if settings.auth == "off":
         server.log.warning("pi-agent: PI_AGENT_AUTH=off: every request is served without a key")
     _fit_worker(server, settings)
+    _fit_descriptors(server)
+
+
+def _fit_descriptors(server):
+    """Raise the soft limit on open files to the hard one (1,024 is a common soft limit),
+    and keep worker_connections within it: a worker that runs out of descriptors fails to
+    accept, and fails the turns that need a new connection to Ollama."""
+    from pi_agent.hosts import connections_allowed, raise_descriptor_limit
+
+    before, limit = raise_descriptor_limit()
+    wanted = server.cfg.worker_connections
+    allowed = connections_allowed(limit, wanted)
+    if allowed < wanted:
+        server.cfg.set("worker_connections", allowed)
+    server.log.info("pi-agent: descriptors: soft limit %d%s; worker_connections %d%s", limit,
+                    f" (raised from {before})" if limit != before else "", allowed,
+                    f" (lowered from {wanted} to fit)" if allowed < wanted else "")
 
 
 def on_reload(server):
@@ -66,6 +86,7 @@ def on_reload(server):
         server.log.error("pi-agent: %s; the worker settings stay as this file has them", exc)
         return
     _fit_worker(server, settings)
+    _fit_descriptors(server)
 
 
 # A sync worker's turn may run this long past PI_AGENT_TOTAL_TIMEOUT: the connection to
@@ -101,6 +122,17 @@ def _fit_worker(server, settings):
             server.log.info("pi-agent: threads raised to %d for the gthread worker "
                             "(PI_AGENT_MAX_CONCURRENT + PI_AGENT_MAX_QUEUE + %d)",
                             needed, SPARE_THREADS)
+
+
+def pre_request(worker, req):
+    """Refuse an oversized body before gunicorn invites it or waits for it (see
+    pi_agent/worker.py)."""
+    from pi_agent.worker import guard_body
+
+    config = getattr(worker.wsgi, "config", None)
+    limit = config.get("MAX_CONTENT_LENGTH") if config is not None else None
+    guard_body(req, limit or _settings.max_body_bytes)
+    worker.log.debug("%s %s", req.method, req.path)
 
 
 def post_worker_init(worker):

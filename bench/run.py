@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import procstat
+from . import memory_fill, procstat
 from .loadgen import Load, Result, Target, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,14 +188,16 @@ def compile_sources(*paths: Path) -> None:
             compileall.compile_file(path, quiet=1)
 
 
-def start_gateway(name: str, root: Path, fake_port: int, out: Path) -> Process:
-    """Start Pi Agent Server from the checkout at ``root`` with its own gunicorn.conf.py."""
+def start_gateway(name: str, root: Path, fake_port: int, out: Path, **settings: str) -> Process:
+    """Start Pi Agent Server from the checkout at ``root`` with its own gunicorn.conf.py;
+    ``settings`` are more environment variables."""
     compile_sources(root / "pi_agent", root / "wsgi.py", root / "gunicorn.conf.py")
     # Admission control stays on, with limits above the largest scenario: the bench measures
     # the cost of the gateway, not a queue in front of the fake.
     env = server_env(
         PI_AGENT_BIND="127.0.0.1:0", PI_AGENT_OLLAMA_URL=f"http://127.0.0.1:{fake_port}",
         PI_AGENT_MAX_CONCURRENT="5000", PI_AGENT_MAX_QUEUE="5000", PYTHONPATH=str(root),
+        **settings,
     )
     log = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.log"
     gateway = Process(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
@@ -350,6 +352,11 @@ def direct_body(stream: bool) -> bytes:
 Starter = Callable[[], Process]
 
 
+def configure_fake(fake: Process, tokens: int, token_delay: float) -> None:
+    config = json.dumps({"tokens": tokens, "token_delay": token_delay}).encode()
+    assert http_call(fake.port, "POST", "/_bench/config", config)[0] == 200
+
+
 async def run_scenarios(
     starters: dict[str, Starter], fake: Process, quick: bool, scenarios: list[Scenario],
     rounds: int = 1,
@@ -365,8 +372,7 @@ async def run_scenarios(
     starts: dict[str, list[dict[str, Any]]] = {name: [] for name in starters}
 
     def configure(tokens: int, token_delay: float) -> None:
-        config = json.dumps({"tokens": tokens, "token_delay": token_delay}).encode()
-        assert http_call(fake.port, "POST", "/_bench/config", config)[0] == 200
+        configure_fake(fake, tokens, token_delay)
 
     for scenario in scenarios:
         requests = scenario.quick_requests_per_client if quick else scenario.requests_per_client
@@ -646,6 +652,8 @@ def markdown(report: dict[str, Any]) -> str:
                         for scenario, values in direct.items())
     lines += ["", f"Harness CPU s per 1k tokens (fake Ollama + load generator, direct runs): "
                   f"{harness}."]
+    if report.get("memory_fill"):
+        lines += memory_fill.markdown(report["memory_fill"])
     return "\n".join(lines) + "\n"
 
 
@@ -665,7 +673,7 @@ def main() -> None:
                              "older commit), in the same run")
     args = parser.parse_args()
     scenarios = [s for s in SCENARIOS if args.only in s.name]
-    if not scenarios:
+    if not scenarios and args.only not in "memory":
         parser.error(f"no scenario has {args.only!r} in its name")
     args.out.mkdir(parents=True, exist_ok=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -684,7 +692,15 @@ def main() -> None:
         if not args.no_floor:
             starters["stack floor"] = functools.partial(start_floor, fake.port, args.out)
         rounds = max(1, args.rounds)
-        rows, info = uvloop.run(run_scenarios(starters, fake, args.quick, scenarios, rounds))
+        rows: list[dict[str, Any]] = []
+        info: dict[str, dict[str, Any]] = {}
+        if scenarios:
+            rows, info = uvloop.run(run_scenarios(starters, fake, args.quick, scenarios, rounds))
+        filled = []
+        if args.only in "memory":  # also with no --only: "" is in every name
+            filled = memory_fill.measure(starters["pi-agent"],
+                                         functools.partial(configure_fake, fake), http_call,
+                                         memory_fill.QUICK_BUDGET if args.quick else 0)
     finally:
         fake.stop()
 
@@ -697,8 +713,13 @@ def main() -> None:
         "servers": info,
         "rows": rows,
         "comparison": compare(rows, list(info)),
+        "memory_fill": filled,
         "elapsed_s": time.perf_counter() - started,
     }
+    if not rows:  # --only memory
+        (args.out / "memory-fill.json").write_text(json.dumps(report, indent=2))
+        print("\n".join(memory_fill.markdown(filled)))
+        return
     report["goals"] = check_goals(report)
     (args.out / "latest.json").write_text(json.dumps(report, indent=2))
     (args.out / "latest.md").write_text(markdown(report))

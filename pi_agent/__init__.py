@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,8 @@ from .config import ConfigError, load_settings, setting_keys
 
 if TYPE_CHECKING:
     from flask import Flask
+
+    from .keys import Offload
 
 __version__ = "0.1.0"
 
@@ -28,7 +31,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from flask import Flask
     from flask_cors import CORS
 
-    from . import agents, auth, chat, conversations, health, ollama_api, openai_api, tracing
+    from . import (
+        agents, auth, chat, conversations, framing, health, ollama_api, openai_api, tracing,
+    )
     from .admission import Admission
     from .errors import register_error_handlers
     from .events import RunningTurns
@@ -56,11 +61,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             max_turns=settings.memory_max_turns,
             ttl_seconds=settings.memory_ttl_minutes * 60,
             max_conversations=settings.memory_max_conversations,
+            max_bytes=settings.memory_max_bytes,
+            max_per_key=settings.memory_max_per_key,
         )
     keys = None
     if settings.keys_file and settings.auth == "on":
         try:
-            keys = KeyRing(settings.keys_file, on_error=logging.getLogger(__name__).error)
+            keys = KeyRing(settings.keys_file, offload=_gevent_threadpool())
         except KeyFileError as exc:
             raise ConfigError(f"invalid setting PI_AGENT_KEYS_FILE: {exc}") from None
     elif settings.auth == "off":
@@ -85,6 +92,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     register_error_handlers(app)
     tracing.init_app(app)
+    framing.init_app(app)
     auth.init_app(app)
     if settings.cors_origins:
         # Browsers on other origins get no CORS headers unless their origin is allowed; the
@@ -108,6 +116,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(ollama_api.bp)
     watch_host(app, settings)
     return app
+
+
+def _gevent_threadpool() -> Offload | None:
+    """Run functions in gevent's pool of OS threads where gevent has patched the standard
+    library (gunicorn's gevent worker), so that reading a large key file does not stall the
+    loop; elsewhere None: read inline."""
+    # Looked up, not imported: the app never loads gevent itself, and "gevent.monkey" is
+    # loaded once anything was patched.
+    monkey = sys.modules.get("gevent.monkey")
+    if "gevent" not in sys.modules or monkey is None or not monkey.is_module_patched("socket"):
+        return None
+    gevent = sys.modules["gevent"]
+    # The hub of the thread that reads, looked up then: each thread has its own.
+    return lambda function: gevent.get_hub().threadpool.apply(function)
 
 
 def _configure_logging(level: str) -> None:

@@ -147,8 +147,10 @@ def _from_this_machine() -> bool:
 
 
 def _presented_key() -> str:
-    value = request.headers.get("X-API-Key")
-    if value is None:
+    # The first that is not empty: a client library may send an empty X-API-Key by default
+    # beside the key it was given as a Bearer token.
+    value = request.headers.get("X-API-Key", "")
+    if not value:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         value = token.strip() if scheme.lower() == "bearer" else ""
     return value

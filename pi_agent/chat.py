@@ -18,6 +18,7 @@ from .memory import MemoryStore, Turn
 from .providers.base import ChatCall, ChatStream
 from .schemas import CONVERSATION_ID, Cancelled, ChatReply, ChatRequest, FieldProblem, Usage
 from .state import current_state
+from .client_socket import client_closer
 from .streaming import StreamBody, TurnWatch, client_probe, never
 from .turns import WatchedTurn
 from .validation import parse_body
@@ -122,6 +123,7 @@ def _answer(events_only: bool) -> Response:
             make_call=make_call, record=record, client_gone=client_gone,
             shutdown=state.shutdown, count_tokens=count,
             timeouts=Timeouts.from_settings(settings),
+            watchdog=state.watchdog, hang_up=client_closer(request.environ),
         )
 
         def give_back() -> None:
@@ -137,7 +139,7 @@ def _answer(events_only: bool) -> Response:
 
     # A plain-text or non-stream turn: registered for cancel, and watched, since it writes
     # nothing to its client until its reply (or its next token) comes.
-    turn = WatchedTurn(state, conversation_id, probe, key.id)
+    turn = WatchedTurn(state, conversation_id, probe, key.id, client_closer(request.environ))
     streaming = False
     try:
         watch = turn.begin()

@@ -151,6 +151,8 @@ class Settings:
     memory_max_turns: int = _setting(10, _integer(1, 1000))
     memory_ttl_minutes: float = _setting(60.0, _number(0, 10**6, low_open=True))
     memory_max_conversations: int = _setting(1000, _integer(1, 1_000_000))
+    memory_max_bytes: int = _setting(32 * 1024 * 1024, _integer(64 * 1024, 1 << 40))
+    memory_max_per_key: int = _setting(100, _integer(1, 1_000_000))
     connect_timeout: float = _setting(DEFAULT_CONNECT_TIMEOUT, _number(0, 600, low_open=True))
     first_token_timeout: float = _setting(DEFAULT_FIRST_TOKEN_TIMEOUT,
                                           _number(0, 86_400, low_open=True))
@@ -158,6 +160,9 @@ class Settings:
     total_timeout: float = _setting(600.0, _number(0, 7 * 86_400, low_open=True))
     heartbeat_seconds: float = _setting(10.0, _number(0, 3600, low_open=True))
     max_body_bytes: int = _setting(64 * 1024, _integer(1024, 64 * 1024 * 1024))
+    # A body must arrive within body_timeout seconds, plus one for each body_min_rate bytes.
+    body_timeout: float = _setting(20.0, _number(0, 3600, low_open=True))
+    body_min_rate: int = _setting(4096, _integer(1, 1 << 30))
     max_concurrent: int = _setting(1, _integer(1, 100_000))
     max_queue: int = _setting(8, _integer(0, 100_000))
     ready_cache_seconds: float = _setting(5.0, _number(0, 3600))

@@ -9,6 +9,7 @@ message; tracebacks, upstream URLs and exception texts go to the log only.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -16,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from .openai_schemas import OpenAIError, OpenAIErrorBody
 from .schemas import ErrorBody, ErrorDetail, FieldProblem, OllamaErrorBody
+from .client_socket import client_closer
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,9 @@ class PiAgentError(HTTPException):
     error_code = "internal_error"
     description = "internal server error"
     param: str | None = None  # the request field at fault, where there is one
+    # Whether the client's connection must not serve another request after this answer,
+    # because the rest of the request's body may still be on its way.
+    close_connection = False
 
     def __init__(self, description: str | None = None, param: str | None = None) -> None:
         super().__init__(description)
@@ -41,6 +46,26 @@ class InvalidRequest(PiAgentError):
     code = 400
     error_code = "invalid_request"
     description = "the request body must be JSON sent with Content-Type: application/json"
+
+
+class RequestTimeout(PiAgentError):
+    """The body did not arrive within PI_AGENT_BODY_TIMEOUT (and its allowance for size);
+    the connection is closed after this answer, since the rest of the body may still come."""
+
+    code = 408
+    error_code = "request_timeout"
+    description = "the request body did not arrive in time"
+    close_connection = True
+
+
+class BadFraming(PiAgentError):
+    """The request breaks HTTP/1.1's rules on how a message is framed; it could be read
+    differently by a proxy in front, so the connection is not used for another request."""
+
+    code = 400
+    error_code = "bad_request"
+    description = "the request is not valid HTTP/1.1"
+    close_connection = True
 
 
 class ValidationFailed(PiAgentError):
@@ -329,6 +354,12 @@ def _render_http_error(exc: HTTPException) -> Response:
     for name, value in exc.get_headers():
         if name.lower() != "content-type":
             response.headers[name] = value
+    if error.close_connection or status == 413:
+        # The body, or the rest of it, may still be on its way: the connection must not
+        # read it as the next request, nor wait for it.
+        close = client_closer(request.environ, socket.SHUT_WR)
+        if close is not None:
+            response.call_on_close(close)
     return response
 
 

@@ -17,6 +17,7 @@ from .generation import Generation
 from .keys import LOCAL_ID
 from .lifecycle import Shutdown
 from .providers.base import Abort, ChatCall, ChatChunk, Provider
+from .streaming import Watchdog, WriteWatch
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +184,36 @@ class EventStream:
     count_tokens: Callable[[int], None] = lambda tokens: None
     # Why the stream ended in an error event, once it has.
     failure: PiAgentError | None = None
+    # Where the WSGI server shows its socket: how a write that a client holds up is ended.
+    watchdog: Watchdog | None = None
+    hang_up: Callable[[], None] | None = None
+    _writes: WriteWatch | None = None
 
     def relay(self) -> Generator[bytes, None, None]:
-        """Yield the events; close the upstream and give the slot back however it ends."""
+        """Yield the events; close the upstream and give the slot back however it ends.
+
+        The idle and total deadlines hold also while a write is blocked on a client that
+        reads nothing: the watchdog then closes the client's connection.
+        """
+        if self.watchdog is None or self.hang_up is None:
+            return self._relay()
+        return self._relay_watched(self.watchdog, self.hang_up)
+
+    def _relay_watched(self, watchdog: Watchdog,
+                       hang_up: Callable[[], None]) -> Generator[bytes, None, None]:
+        writes = self._writes = WriteWatch(watchdog, hang_up, self.timeouts.idle)
+        events = self._relay()
+        writes.start()
+        try:
+            for data in events:
+                writes.writing_since = time.monotonic()
+                yield data
+                writes.writing_since = None
+        finally:
+            writes.stop()
+            events.close()
+
+    def _relay(self) -> Generator[bytes, None, None]:
         fmt, timeouts = self.fmt, self.timeouts
         poll = min(POLL_SECONDS, timeouts.heartbeat / 2)
         started = time.monotonic()
@@ -230,6 +258,8 @@ class EventStream:
             began = time.monotonic()
             deadline = began + timeouts.first_token
             end = began + timeouts.total
+            if self._writes is not None:
+                self._writes.end_at = end
             first_token_ms: int | None = None
             last_look = began  # the client socket's last look, when nothing was written
             while True:

@@ -35,6 +35,36 @@ def threads_needed(settings: Settings) -> int:
     return settings.max_concurrent + settings.max_queue + SPARE_THREADS
 
 
+# Descriptors kept aside from connections: the listener, logs, the key file, the pipes and
+# sockets gunicorn and gevent hold, a probe's duplicate of a client socket.
+DESCRIPTOR_RESERVE = 64
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit (what a process may
+    do for itself; children inherit it); return the soft limit before and after."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit is still bounded by the kernel's nr_open; 2**20 is its default.
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (ValueError, OSError):
+            pass  # a container may refuse: keep the soft limit and fit to it
+    return soft, soft
+
+
+def connections_allowed(descriptor_limit: int, wanted: int) -> int:
+    """The most connections a worker may take without running out of descriptors: each may
+    need two (its client socket, and the connection to Ollama while a turn runs), and the
+    reserve stays free. Beyond it a connection waits in the listen queue, which is better
+    than accepting it and failing every turn that needs a descriptor."""
+    return max(1, min(wanted, (descriptor_limit - DESCRIPTOR_RESERVE) // 2))
+
+
 def host_warnings(environ: dict[str, Any], settings: Settings) -> list[str]:
     """Return what is wrong with the host that sent ``environ``, one sentence each."""
     warnings = []

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "pia_"
 LOCAL_ID = "local"
@@ -153,55 +155,90 @@ def created_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Runs a function, perhaps in another OS thread, and returns what it returned or raises what
+# it raised, as gevent's ``threadpool.apply`` does.
+Offload = Callable[[Callable[[], Any]], Any]
+
+
 class KeyRing:
     """The keys of a running server, read again when the file changes (its size, time or
     inode), looked at no more than once a second. A file that turns bad keeps the keys
-    that were read last: a typo while editing must not let anybody in, or lock all out."""
+    that were read last: a typo while editing must not let anybody in, or lock all out.
+    After a failed read the file is read every second until a read succeeds, whatever its
+    stamp says: making it readable again (chmod, chown) changes none of the three."""
 
     def __init__(self, path: str, clock: Callable[[], float] = time.monotonic,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 offload: Offload | None = None) -> None:
+        """``offload`` reads the file on reloads, so that a large one does not stall the
+        server's loop; without it the file is read inline. The first read is always inline.
+
+        :raise KeyFileError: the file cannot be read or is not a key file.
+        """
         self.path = path
         self._clock = clock
-        self._on_error = on_error
+        self._offload = offload
         self._lock = threading.Lock()
         self._checked = clock()
+        self._reloading = False
+        self._failing = False
         # A bad file at startup stops the server (KeyFileError); later, see reload().
         self._stamp = self._file_stamp()
-        self._keys = read_keys(path)
+        self._by_hash = _index(path)
 
     @property
     def count(self) -> int:
-        return len(self._keys)
+        return len(self._by_hash)
 
     def reload(self) -> None:
-        """Read the file again if it changed since it was read last."""
+        """Read the file again if it changed since it was read last, or that read failed."""
         stamp = self._file_stamp()
-        if stamp == self._stamp:
+        if stamp == self._stamp and not self._failing:
             return
         try:
-            keys = read_keys(self.path)
+            by_hash = self._read()
         except KeyFileError as exc:
-            if self._on_error is not None:
-                self._on_error(f"{exc}; the keys read before stay in use")
-            self._stamp = stamp  # said once, not every second until it is fixed
+            if not self._failing:  # said once, not every second until it is fixed
+                logger.error("%s; the keys read before stay in use, and the file is read "
+                             "again every second until it can be", exc)
+            self._failing = True
             return
-        self._keys, self._stamp = keys, stamp
+        if self._failing:
+            logger.warning("the key file %s is read again: %d keys", self.path, len(by_hash))
+        self._by_hash, self._stamp, self._failing = by_hash, stamp, False
 
     def find(self, presented: str) -> ApiKey | None:
-        """The key whose hash matches; each one is compared in constant time."""
-        with self._lock:
-            now = self._clock()
-            if now - self._checked >= RELOAD_SECONDS:
-                self._checked = now
+        """The key whose hash is the hash of ``presented``, or None."""
+        if self._claim_reload():
+            try:
                 self.reload()
-            keys = self._keys
+            finally:
+                with self._lock:
+                    self._reloading = False
         if not presented or len(presented) > MAX_KEY_CHARS:
             return None
-        digest = hash_key(presented)
-        found = None
-        for key in keys:
-            if hmac.compare_digest(digest, key.hash):
-                found = key
+        # A dict lookup is not constant-time, but all its timing could tell is how the
+        # hash of a guess compares with stored hashes. A key is 256 random bits, so its
+        # hash gives no way back to it, nor to a guess any closer than the last.
+        return self._by_hash.get(hash_key(presented))
+
+    def _claim_reload(self) -> bool:
+        """Whether this caller looks at the file now: once a second, one caller at a time.
+        The others go on with the keys as they are rather than wait for a slow read."""
+        with self._lock:
+            now = self._clock()
+            if self._reloading or now - self._checked < RELOAD_SECONDS:
+                return False
+            self._checked, self._reloading = now, True
+            return True
+
+    def _read(self) -> dict[str, ApiKey]:
+        if self._offload is None:
+            return _index(self.path)
+        # The error comes back as a value: gevent's pool prints a traceback of whatever its
+        # threads raise, which would put one in the log every second the file stays bad.
+        found: dict[str, ApiKey] | KeyFileError = self._offload(lambda: _index_or_error(self.path))
+        if isinstance(found, KeyFileError):
+            raise found
         return found
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
@@ -210,6 +247,18 @@ class KeyRing:
         except OSError:
             return None
         return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+def _index(path: str) -> dict[str, ApiKey]:
+    """The keys in the file by their hash (read_keys refuses two keys with one hash)."""
+    return {key.hash: key for key in read_keys(path)}
+
+
+def _index_or_error(path: str) -> dict[str, ApiKey] | KeyFileError:
+    try:
+        return _index(path)
+    except KeyFileError as exc:
+        return exc
 
 
 def _text(value: Any) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,21 +24,36 @@ class Turn:
 
 
 class _Conversation:
-    __slots__ = ("turns", "last_used", "owner")
+    __slots__ = ("turns", "last_used", "owner", "size")
 
-    def __init__(self, max_turns: int, now: float, owner: str) -> None:
-        self.turns: deque[Turn] = deque(maxlen=max_turns)
+    def __init__(self, now: float, owner: str, size: int) -> None:
+        self.turns: deque[tuple[Turn, int]] = deque()  # each turn with its size in bytes
         self.last_used = now
         self.owner = owner  # the id of the API key that made it
+        self.size = size
+
+
+def _size(turn: Turn) -> int:
+    return len(turn.user.encode("utf-8", "surrogatepass")) + \
+        len(turn.assistant.encode("utf-8", "surrogatepass"))
 
 
 class MemoryStore:
-    """Keep the recent turns of many conversations, bounded three ways.
+    """Keep the recent turns of many conversations, bounded five ways.
 
     At most ``max_turns`` turns per conversation (the oldest go first), conversations idle
     for longer than ``ttl_seconds`` are forgotten, and beyond ``max_conversations`` the least
-    recently used one is evicted. The store is one dict guarded by one lock; under gunicorn's
-    gevent worker the lock is cooperative, because the worker patches ``threading`` first.
+    recently used one is evicted. What is kept is bounded in bytes too: ``max_bytes``
+    counts the UTF-8 bytes of every remembered message and conversation id (an emoji counts
+    4, as it would on the wire); beyond it the key that keeps the most bytes gives way
+    first: its least recently used conversations go, then the oldest turns of the one it
+    just used (which keeps its newest turn at least). And each key may
+    keep ``max_per_key`` conversations: a key that makes one more loses its own least
+    recently used one, never another key's. The local user (a server without keys) is
+    the only user, bounded by ``max_conversations`` alone.
+
+    The store is one dict guarded by one lock; under gunicorn's gevent worker the lock is
+    cooperative, because the worker patches ``threading`` first.
     """
 
     def __init__(
@@ -46,15 +61,28 @@ class MemoryStore:
         max_turns: int,
         ttl_seconds: float,
         max_conversations: int,
+        max_bytes: int = 32 * 1024 * 1024,
+        max_per_key: int = 100,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_turns = max_turns
         self.ttl_seconds = ttl_seconds
         self.max_conversations = max_conversations
+        self.max_bytes = max_bytes
+        self.max_per_key = max_per_key
         self._clock = clock
         self._lock = threading.Lock()
         # Ordered from least to most recently used, so expiry and eviction pop from the front.
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
+        self._per_owner: Counter[str] = Counter()  # conversations of each key
+        self._owner_bytes: Counter[str] = Counter()
+        self._bytes = 0
+
+    @property
+    def bytes_used(self) -> int:
+        """The UTF-8 bytes of everything kept, as the budget counts them."""
+        with self._lock:
+            return self._bytes
 
     def get_history(self, conversation_id: str) -> list[Turn]:
         """Return the remembered turns of a conversation, oldest first (empty if unknown).
@@ -65,26 +93,28 @@ class MemoryStore:
         with self._lock:
             self._expire(self._clock())
             conversation = self._conversations.get(conversation_id)
-            return list(conversation.turns) if conversation is not None else []
+            return [turn for turn, _ in conversation.turns] if conversation is not None else []
 
     def append_turn(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID) -> None:
         """Remember ``turn`` as the newest of its conversation, evicting what the bounds say.
 
         A new conversation belongs to ``owner``, the id of the API key that made it.
         """
+        size = _size(turn)
         with self._lock:
             now = self._clock()
             self._expire(now)
             conversation = self._conversations.get(conversation_id)
             if conversation is None:
-                conversation = _Conversation(self.max_turns, now, owner)
-                self._conversations[conversation_id] = conversation
-                while len(self._conversations) > self.max_conversations:
-                    self._conversations.popitem(last=False)
+                conversation = self._start(conversation_id, owner, now)
             else:
                 conversation.last_used = now
                 self._conversations.move_to_end(conversation_id)
-            conversation.turns.append(turn)
+            conversation.turns.append((turn, size))
+            self._count(conversation, size)
+            if len(conversation.turns) > self.max_turns:
+                self._drop_oldest_turn(conversation)
+            self._fit_budget(conversation_id, conversation)
 
     def owner(self, conversation_id: str) -> str | None:
         """The id of the key whose conversation it is; None if it is not remembered."""
@@ -103,7 +133,10 @@ class MemoryStore:
     def forget(self, conversation_id: str) -> bool:
         """Forget a conversation; return whether there was one."""
         with self._lock:
-            return self._conversations.pop(conversation_id, None) is not None
+            if conversation_id not in self._conversations:
+                return False
+            self._remove(conversation_id)
+            return True
 
     def __len__(self) -> int:
         with self._lock:
@@ -115,10 +148,62 @@ class MemoryStore:
             self._expire(self._clock())
             return conversation_id in self._conversations
 
+    def _start(self, conversation_id: str, owner: str, now: float) -> _Conversation:
+        """A new conversation, after its owner's least recently used one if the owner has
+        its fill, and the store's least recently used one if the store has."""
+        if owner != LOCAL_ID and self._per_owner[owner] >= self.max_per_key:
+            oldest = next(cid for cid, c in self._conversations.items() if c.owner == owner)
+            self._remove(oldest)
+        conversation = _Conversation(now, owner, 0)
+        self._conversations[conversation_id] = conversation
+        self._per_owner[owner] += 1
+        self._count(conversation, len(conversation_id.encode()))
+        while len(self._conversations) > self.max_conversations:
+            self._remove(next(iter(self._conversations)))
+        return conversation
+
+    def _fit_budget(self, newest_id: str, newest: _Conversation) -> None:
+        """Over the budget, the key that keeps the most gives way: a key that sends long
+        messages evicts its own conversations before anybody else's."""
+        while self._bytes > self.max_bytes:
+            heavy = self._owner_bytes.most_common(1)[0][0]
+            victim = self._oldest_of(heavy, newest_id)
+            if victim is not None:
+                self._remove(victim)
+            elif heavy == newest.owner and len(newest.turns) > 1:
+                self._drop_oldest_turn(newest)
+            elif len(self._conversations) > 1:
+                # The newest is one turn of the heaviest key: the others' oldest go.
+                self._remove(next(cid for cid in self._conversations if cid != newest_id))
+            else:
+                return  # one turn alone over the budget: it is kept until the next one
+
+    def _oldest_of(self, owner: str, but: str) -> str | None:
+        return next((cid for cid, c in self._conversations.items()
+                     if c.owner == owner and cid != but), None)
+
+    def _count(self, conversation: _Conversation, size: int) -> None:
+        conversation.size += size
+        self._owner_bytes[conversation.owner] += size
+        self._bytes += size
+
+    def _drop_oldest_turn(self, conversation: _Conversation) -> None:
+        _, size = conversation.turns.popleft()
+        self._count(conversation, -size)
+
+    def _remove(self, conversation_id: str) -> None:
+        conversation = self._conversations.pop(conversation_id)
+        owner = conversation.owner
+        self._count(conversation, -conversation.size)
+        self._per_owner[owner] -= 1
+        if not self._per_owner[owner]:
+            del self._per_owner[owner]
+            del self._owner_bytes[owner]
+
     def _expire(self, now: float) -> None:
         deadline = now - self.ttl_seconds
         while self._conversations:
-            oldest = next(iter(self._conversations.values()))
+            cid, oldest = next(iter(self._conversations.items()))
             if oldest.last_used > deadline:
                 break
-            self._conversations.popitem(last=False)
+            self._remove(cid)

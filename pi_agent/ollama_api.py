@@ -35,6 +35,7 @@ from .providers.base import Forwarded
 from .ollama_whole import gather_whole
 from .schemas import FieldProblem, OllamaErrorBody
 from .state import current_state
+from .client_socket import client_closer
 from .streaming import StreamBody, TurnWatch, client_probe
 from .turns import STOPPED, WatchedTurn
 from .validation import parse_body
@@ -155,7 +156,7 @@ def generate() -> Response:
     count = state.limits.meter(key)
 
     turn = WatchedTurn(state, "ollama-" + uuid.uuid4().hex, client_probe(request.environ),
-                       key.id)
+                       key.id, client_closer(request.environ))
     relaying = False
     try:
         watch = turn.begin()

@@ -66,6 +66,7 @@ from .openai_schemas import (
 from .providers.base import ChatCall
 from .schemas import CONVERSATION_ID, FieldProblem
 from .state import AppState, current_state
+from .client_socket import client_closer
 from .streaming import StreamBody, client_probe, never
 from .turns import WatchedTurn
 from .validation import parse_body
@@ -196,6 +197,7 @@ def _stream(state: AppState, call: ChatCall, model: str, turn_id: str, record: R
             make_call=lambda: call, record=record, client_gone=probe or never,
             shutdown=state.shutdown, count_tokens=count,
             timeouts=Timeouts.from_settings(settings),
+            watchdog=state.watchdog, hang_up=client_closer(request.environ),
         )
         events = relay = stream.relay()
         head = next((data for data in relay if data), b"")

@@ -2,7 +2,9 @@
 that the client is still there."""
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import socket
 import threading
@@ -17,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 # How often a turn that writes nothing for a while is checked on.
 CHECK_SECONDS = 0.5
+# What a peek at the client's socket fails with when the client has left.
+_GONE = frozenset({errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE, errno.ETIMEDOUT,
+                   errno.EBADF})
 
 
 class StreamBody:
@@ -63,8 +68,12 @@ def client_probe(environ: dict[str, Any]) -> Callable[[], bool] | None:
         # connection), and gevent lets only one greenlet wait on a socket object.
         try:
             probe = socket.socket(fileno=os.dup(sock.fileno()))
-        except (OSError, ValueError):
-            return True  # closed already (ValueError: no descriptor): the request is over
+        except ValueError:
+            return True  # closed already (no descriptor): the request is over
+        except OSError as exc:
+            # Closed already; or out of descriptors (EMFILE, ENFILE), which says nothing
+            # about the client: cannot tell is not "gone", or every turn would be cut.
+            return exc.errno == errno.EBADF
         try:
             if not os.get_blocking(probe.fileno()):
                 # Under gevent (whose sockets are non-blocking underneath) this makes the peek
@@ -75,8 +84,8 @@ def client_probe(environ: dict[str, Any]) -> Callable[[], bool] | None:
             return bool(probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"")
         except BlockingIOError:
             return False  # nothing to read: the client is still there
-        except OSError:
-            return True
+        except OSError as exc:
+            return exc.errno in _GONE
         finally:
             probe.close()
 
@@ -92,10 +101,12 @@ class TurnWatch:
     """
 
     def __init__(self, watchdog: Watchdog, abort: Abort, client_gone: Callable[[], bool] | None,
-                 shutdown: Shutdown, idle: float, total: float) -> None:
+                 shutdown: Shutdown, idle: float, total: float,
+                 hang_up: Callable[[], None] | None = None) -> None:
         self._watchdog = watchdog
         self.abort = abort
         self._client_gone = client_gone
+        self._hang_up = hang_up
         self._shutdown = shutdown
         self._idle = idle
         self._end = time.monotonic() + total
@@ -105,7 +116,8 @@ class TurnWatch:
         # Set by the relay when it wrote to the client: a write that fails notices a client
         # that left, so the socket needs no look while writes are frequent.
         self.last_write = 0.0
-        # True while the relay waits for a write to the client to finish.
+        # True while the relay waits for a write to the client to finish (which started
+        # at last_write).
         self.writing = False
 
     def start(self) -> None:
@@ -120,11 +132,55 @@ class TurnWatch:
             return "client_gone"
         if self._shutdown.due():
             return "shutting_down"
-        idle = (self.last_chunk is not None and not self.writing
-                and now - self.last_chunk >= self._idle)
+        if self.writing:
+            # A client that reads nothing holds the write up: as long as Ollama may idle,
+            # and no longer than the whole turn may last.
+            idle = now - self.last_write >= self._idle
+        else:
+            idle = self.last_chunk is not None and now - self.last_chunk >= self._idle
         if idle or now >= self._end:
             return "timeout"
         return ""
+
+    def end(self, reason: str) -> None:
+        """Stop the upstream call; a relay stuck in a write to its client is freed by
+        closing that client's connection, since it would not look at the abort."""
+        self.abort.request(reason)
+        if self.writing and self._hang_up is not None:
+            logger.warning("closed a client that read nothing for too long (%s)", reason)
+            self._hang_up()
+
+
+class WriteWatch:
+    """What the watchdog checks about an event stream, which looks after its own deadlines
+    between writes but cannot while a write to a client that reads nothing is blocked:
+    such a write ends, with the client's connection, once it has been blocked for ``idle``
+    seconds or when the turn passes its ``end``."""
+
+    def __init__(self, watchdog: Watchdog, hang_up: Callable[[], None], idle: float) -> None:
+        self._watchdog = watchdog
+        self._hang_up = hang_up
+        self._idle = idle
+        self.end_at = math.inf  # set once the turn has its slot and its total time runs
+        # When the write under way began; None between writes.
+        self.writing_since: float | None = None
+
+    def start(self) -> None:
+        self._watchdog.add(self)
+
+    def stop(self) -> None:
+        self._watchdog.remove(self)
+
+    def reason_to_stop(self, now: float) -> str:
+        since = self.writing_since
+        if since is not None and (now - since >= self._idle or now >= self.end_at):
+            return "timeout"
+        return ""
+
+    def end(self, reason: str) -> None:
+        if self.writing_since is not None:
+            logger.warning("closed a client that read nothing for too long (%s)", reason)
+            self._hang_up()
 
 
 class Watchdog:
@@ -134,10 +190,10 @@ class Watchdog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._turns: set[TurnWatch] = set()
+        self._turns: set[TurnWatch | WriteWatch] = set()
         self._running = False
 
-    def add(self, turn: TurnWatch) -> None:
+    def add(self, turn: TurnWatch | WriteWatch) -> None:
         with self._lock:
             self._turns.add(turn)
             if self._running:
@@ -145,7 +201,7 @@ class Watchdog:
             self._running = True
         threading.Thread(target=self._run, name="watchdog", daemon=True).start()
 
-    def remove(self, turn: TurnWatch) -> None:
+    def remove(self, turn: TurnWatch | WriteWatch) -> None:
         with self._lock:
             self._turns.discard(turn)
 
@@ -166,7 +222,7 @@ class Watchdog:
                         if not reason or turn not in self._turns:
                             continue
                         self._turns.discard(turn)
-                    turn.abort.request(reason)
+                    turn.end(reason)
                 except Exception:
                     # One turn's failure must not end the watch over all the others.
                     logger.exception("watchdog: checking a turn failed")

@@ -47,11 +47,12 @@ class WatchedTurn:
 
     def __init__(
         self, state: AppState, conversation_id: str, probe: Callable[[], bool] | None,
-        owner: str,
+        owner: str, hang_up: Callable[[], None] | None = None,
     ) -> None:
         self._state = state
         self.conversation_id = conversation_id
         self._probe = probe
+        self._hang_up = hang_up  # for a relay whose writes a client may hold up
         self.ticket = state.admission.enter(conversation_id)
         self._cancel = state.running.add(conversation_id, owner)
         self.abort = Abort()
@@ -75,7 +76,7 @@ class WatchedTurn:
             raise ServerShuttingDown()  # a turn that waited must not start now
         settings = state.settings
         self.watch = TurnWatch(state.watchdog, self.abort, self._probe, state.shutdown,
-                               settings.idle_timeout, settings.total_timeout)
+                               settings.idle_timeout, settings.total_timeout, self._hang_up)
         self.watch.start()
         return self.watch
 

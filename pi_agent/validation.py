@@ -10,8 +10,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .errors import InvalidRequest, ValidationFailed
+from .body_deadline import allowance, body_deadline
+from .errors import InvalidRequest, RequestTimeout, ValidationFailed
 from .schemas import FieldProblem
+from .state import current_state
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,9 @@ def parse_body(model: type[ModelT], any_content_type: bool = False) -> ModelT:
     """
     if not request.is_json and not any_content_type:
         raise InvalidRequest()
-    raw = _read_body(current_app.config["MAX_CONTENT_LENGTH"])
+    settings = current_state().settings
+    raw = _read_body(current_app.config["MAX_CONTENT_LENGTH"], settings.body_timeout,
+                     settings.body_min_rate)
     try:
         data = json.loads(raw.decode("utf-8"))  # JSON on the wire is UTF-8 (RFC 8259)
     except (ValueError, RecursionError):
@@ -47,18 +51,25 @@ def parse_body(model: type[ModelT], any_content_type: bool = False) -> ModelT:
         raise ValidationFailed([_describe(error) for error in errors]) from None
 
 
-def _read_body(limit: int) -> bytes:
-    """Read at most ``limit`` bytes of body, or fail: never cut a body short silently.
+def _read_body(limit: int, timeout: float, min_rate: int) -> bytes:
+    """Read at most ``limit`` bytes of body, or fail: never cut a body short silently, and
+    never wait for it longer than its allowance (see body_deadline.py).
 
     werkzeug rejects a Content-Length over the limit itself, but it stops reading a chunked
     body at the limit without saying so; that body is read here from the raw input instead.
+
+    :raise RequestTimeout: 408, the body did not arrive in time.
     """
     chunked = request.content_length is None and request.environ.get("wsgi.input_terminated")
     stream = request.input_stream if chunked else request.stream
+    seconds = allowance(timeout, min_rate, request.content_length or limit)
     try:
-        raw = stream.read(limit + 1)
+        with body_deadline(request.environ, seconds):
+            raw = stream.read(limit + 1)
     except HTTPException:
         raise
+    except TimeoutError:
+        raise RequestTimeout() from None
     except Exception as exc:
         # The WSGI server could not decode the body, e.g. a broken chunked encoding; each
         # server has its own exception for that (gunicorn: ParseException, IOError).

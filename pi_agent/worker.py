@@ -9,6 +9,10 @@ gunicorn stops with "Worker failed to boot".)
 """
 from __future__ import annotations
 
+import errno
+import time
+from typing import Any
+
 from gunicorn.workers.base_async import AsyncWorker  # type: ignore[import-untyped]
 
 
@@ -22,4 +26,67 @@ class GeventWorker(AsyncWorker):  # type: ignore[misc]  # gunicorn has no type h
         from gunicorn.workers.ggevent import GeventWorker as Real  # type: ignore[import-untyped]
 
         self.__class__ = Real
+        quiet_descriptor_errors(self.log)
         Real.init_process(self)
+
+
+def guard_body(req: Any, limit: int) -> None:
+    """Before gunicorn acts on a request's body (any gunicorn worker's ``pre_request``).
+
+    gunicorn answers ``Expect: 100-continue`` before the app runs, which invites a body
+    that the app then refuses with 413: a body declared over ``limit`` is refused without
+    the invitation. And gunicorn takes any chunk size (24 hex digits is 2**96 bytes) and
+    waits for its bytes; a chunk over ``limit`` is refused at once (a 400 from the app,
+    which sees the body fail to read).
+    """
+    declared = next((value for name, value in req.headers if name == "CONTENT-LENGTH"), "")
+    if declared.isdigit() and int(declared) > limit:
+        req._expected_100_continue = False
+    reader: Any = getattr(req.body, "reader", None)
+    parse_chunk_size = getattr(reader, "parse_chunk_size", None)
+    if parse_chunk_size is None:
+        return
+
+    def parse_bounded_chunk_size(unreader: Any, data: Any = None) -> Any:
+        size, rest = parse_chunk_size(unreader, data=data)
+        if size > limit:
+            from gunicorn.http.errors import InvalidChunkSize  # type: ignore[import-untyped]
+
+            raise InvalidChunkSize(b"chunk over the body limit")
+        return size, rest
+
+    # Looked up on the instance by gunicorn's chunk parser each time it reads a size.
+    reader.parse_chunk_size = parse_bounded_chunk_size
+
+
+# How often the worker says that it ran out of descriptors, at most.
+DESCRIPTOR_ERROR_SECONDS = 10.0
+
+
+def quiet_descriptor_errors(log: Any) -> None:
+    """Report running out of descriptors once in a while, not once per attempt.
+
+    gevent's server tries again to accept a connection after each failure (waiting 10 ms
+    to 1 s), and its hub prints a traceback for every one: ~28 a second for as long as
+    the descriptors are gone. Those go through here, counted; every other error is the
+    hub's as before (gevent documents replacing ``handle_error`` on the hub for this).
+    """
+    import gevent  # type: ignore[import-untyped]
+
+    hub = gevent.get_hub()
+    handle_error = hub.handle_error
+    last = [-DESCRIPTOR_ERROR_SECONDS, 0]  # when it was said last, and failures since
+
+    def handle(context: Any, kind: Any, value: Any, tb: Any) -> None:
+        if not (isinstance(value, OSError) and value.errno in (errno.EMFILE, errno.ENFILE)):
+            handle_error(context, kind, value, tb)
+            return
+        last[1] += 1
+        now = time.monotonic()
+        if now - last[0] >= DESCRIPTOR_ERROR_SECONDS:
+            log.error("pi-agent: out of file descriptors (%s): %d failures in the last "
+                      "%.0f s; see docs/security.md", value.strerror, last[1],
+                      DESCRIPTOR_ERROR_SECONDS)
+            last[0], last[1] = now, 0
+
+    hub.handle_error = handle

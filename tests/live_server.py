@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -56,14 +57,21 @@ class Gunicorn:
     """A gunicorn master and its worker, started on 127.0.0.1 port 0 and stopped by pid."""
 
     def __init__(self, log: Path, *args: str, python: str = sys.executable, cwd: Path = ROOT,
-                 **settings: str) -> None:
+                 nofile: int | None = None, **settings: str) -> None:
         """``args`` go to gunicorn, ``settings`` become PI_AGENT_* variables; ``python`` and
-        ``cwd`` are another installation's interpreter and checkout."""
+        ``cwd`` are another installation's interpreter and checkout; ``nofile`` is the
+        server's limit on open files (soft and hard)."""
         self.log = log
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
                 gunicorn_command(*args, python=python), cwd=cwd, stdout=out,
                 stderr=subprocess.STDOUT, env=server_env(BIND="127.0.0.1:0", **settings),
+                preexec_fn=limit,
             )
         try:
             self.url = self._wait_ready()

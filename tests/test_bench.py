@@ -37,3 +37,9 @@ def test_quick_benchmark_runs_clean(tmp_path: Path) -> None:
     assert held[0]["peak_open"] == 1200
     for server in ("pi-agent", "stack floor"):
         assert report["servers"][server]["warm_up_status"] == 200
+    # Memory filled past its byte budget keeps no more than the budget, and close to it.
+    assert [row["fill"] for row in report["memory_fill"]] == ["ascii", "emoji"]
+    for row in report["memory_fill"]:
+        assert row["errors"] == 0, row
+        assert 0.9 * row["budget_mib"] <= row["kept_mib"] <= row["budget_mib"], row
+        assert row["full_rss_mib"] > 0

@@ -106,3 +106,100 @@ def test_concurrent_appends_lose_nothing() -> None:
         thread.join()
     turns = [t.user for cid in ("c0", "c1", "c2", "c3") for t in store.get_history(cid)]
     assert len(turns) == 16 * 200 == len(set(turns))
+
+
+def recount(store: MemoryStore) -> int:
+    """The budget's bytes counted from scratch: messages and conversation ids in UTF-8."""
+    total = 0
+    for cid, _, _ in store.list_conversations():
+        total += len(cid.encode())
+        for turn in store.get_history(cid):
+            total += len(turn.user.encode()) + len(turn.assistant.encode())
+    return total
+
+
+def test_bytes_are_counted_in_utf8() -> None:
+    store = make_store()
+    store.append_turn("c", Turn("ab", "😀"))  # 2 + 4 bytes, and 1 for the id
+    assert store.bytes_used == 7 == recount(store)
+
+
+def test_budget_evicts_least_recently_used_conversations() -> None:
+    clock = Clock()
+    store = make_store(clock, max_conversations=100, max_bytes=1000)
+    for cid in ("a", "b", "c"):
+        store.append_turn(cid, Turn("q" * 150, "x" * 149))  # 300 bytes with the id
+        clock.now += 1
+    store.append_turn("a", Turn("q", "x"))  # "b" is the least recently used now
+    assert store.bytes_used == 902
+    store.append_turn("d", Turn("q" * 150, "x" * 149))
+    assert "b" not in store and all(cid in store for cid in "acd")
+    assert store.bytes_used == recount(store) <= 1000
+
+
+def test_emoji_fill_the_budget_four_times_as_fast() -> None:
+    store = make_store(max_conversations=1000, max_turns=100, max_bytes=10_000)
+    for i in range(200):
+        store.append_turn(f"c{i}", Turn("😀" * 100, "🙂" * 100))  # 800 bytes a turn
+    assert store.bytes_used == recount(store) <= 10_000
+    assert len(store) == 12  # 12 conversations of 803 or 804 bytes fit, not 13
+
+
+def test_one_conversation_over_the_budget_keeps_its_newest_turn() -> None:
+    store = make_store(max_turns=10, max_bytes=1000)
+    store.append_turn("other", Turn("q", "a"))
+    for i in range(3):
+        store.append_turn("big", Turn(f"q{i}", "x" * 600))
+    assert "other" not in store
+    assert [t.user for t in store.get_history("big")] == ["q2"]
+    store.append_turn("big", Turn("q3", "x" * 5000))  # alone over the budget: still kept
+    assert [t.user for t in store.get_history("big")] == ["q3"]
+    assert store.bytes_used == recount(store)
+
+
+def test_a_key_over_its_cap_loses_only_its_own_conversations() -> None:
+    clock = Clock()
+    store = make_store(clock, max_conversations=100, max_per_key=3)
+    store.append_turn("b-1", Turn("q", "a"), owner="key_b")
+    for i in range(10):
+        clock.now += 1
+        store.append_turn(f"a-{i}", Turn("q", "a"), owner="key_a")
+    kept = [(cid, owner) for cid, owner, _ in store.list_conversations()]
+    assert kept == [("a-9", "key_a"), ("a-8", "key_a"), ("a-7", "key_a"), ("b-1", "key_b")]
+    assert store.bytes_used == recount(store)
+
+
+def test_the_local_user_is_bounded_by_the_store_alone() -> None:
+    store = make_store(max_conversations=20, max_per_key=3)
+    for i in range(10):
+        store.append_turn(f"c{i}", Turn("q", "a"))
+    assert len(store) == 10
+
+
+def test_forget_expiry_and_turn_bound_give_bytes_back() -> None:
+    clock = Clock()
+    store = make_store(clock, max_turns=2, max_conversations=10)
+    for i in range(5):
+        store.append_turn("c", Turn(f"q{i}", "answer"))
+    store.append_turn("d", Turn("q", "a"))
+    assert store.bytes_used == recount(store) == 1 + 2 * 8 + 1 + 2
+    assert store.forget("d") and store.bytes_used == 17
+    clock.now += 61
+    assert len(store) == 0 and store.bytes_used == 0
+
+
+def test_the_key_that_keeps_the_most_gives_way_first() -> None:
+    clock = Clock()
+    store = make_store(clock, max_turns=100, max_conversations=100, max_bytes=2000)
+    store.append_turn("b-old", Turn("q", "a" * 200), owner="key_b")  # the least recent
+    for i in range(3):
+        clock.now += 1
+        store.append_turn(f"a-{i}", Turn("q", "x" * 500), owner="key_a")
+    clock.now += 1
+    store.append_turn("a-2", Turn("q", "x" * 500), owner="key_a")  # over: a's oldest go
+    assert [cid for cid, _, _ in store.list_conversations()] == ["a-2", "a-1", "b-old"]
+    for _ in range(5):
+        store.append_turn("a-2", Turn("q", "x" * 500), owner="key_a")
+    assert [cid for cid, _, _ in store.list_conversations()] == ["a-2", "b-old"]
+    assert len(store.get_history("a-2")) == 3
+    assert store.bytes_used == recount(store) <= 2000

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from pi_agent.cli import main as cli
+from pi_agent.keys import (
+    RELOAD_SECONDS, ApiKey, KeyRing, hash_key, new_id, new_key, read_keys, write_keys,
+)
 
 from .conftest import state, unused_port
 from .fake_ollama import FakeOllama, Script
@@ -162,6 +167,161 @@ def test_a_key_file_change_takes_effect_without_a_restart(
     time.sleep(1.1)
     assert client.get("/agents", headers=auth(keys.all)).status_code == 200
     assert client.get("/agents", headers=auth(new)).status_code == 401
+
+
+def test_an_empty_x_api_key_does_not_hide_a_bearer_key(client: FlaskClient, keys: Keys) -> None:
+    both = {"X-API-Key": "", "Authorization": f"Bearer {keys.all}"}
+    assert client.get("/agents", headers=both).status_code == 200
+    both = {"X-API-Key": keys.all, "Authorization": "Bearer "}
+    assert client.get("/agents", headers=both).status_code == 200
+    # The first that is not empty counts: a wrong one is not made good by the other.
+    both = {"X-API-Key": "pia_wrong", "Authorization": f"Bearer {keys.all}"}
+    assert client.get("/agents", headers=both).status_code == 401
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self) -> None:
+        self.now += RELOAD_SECONDS
+
+
+def key_file_bytes(folder: Path, **named: str) -> bytes:
+    """The bytes of a key file holding the keys ``named``, by name."""
+    path = folder / f"scratch-{new_id()}.json"
+    write_keys(str(path), [ApiKey(id=f"key_{name}", name=name, hash=hash_key(key))
+                           for name, key in named.items()])
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def broken_like(data: bytes) -> bytes:
+    """Not a key file, of the same size as ``data``."""
+    return b"{" + b" " * (len(data) - 1)
+
+
+def rewrite_keeping_stamp(path: Path, data: bytes) -> None:
+    """Write ``data`` over the file keeping its inode, size and mtime, as chmod and chown
+    do: nothing a key ring looks at says the file changed."""
+    before = os.stat(path)
+    assert len(data) == before.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+def test_a_key_file_that_comes_back_is_read_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, a, b = tmp_path / "keys.json", new_key(), new_key()
+    path.write_bytes(key_file_bytes(tmp_path, a=a))
+    clock = Clock()
+    ring = KeyRing(str(path), clock=clock)
+    fixed = key_file_bytes(tmp_path, b=b, c=new_key())  # a revoked, b and c new
+    caplog.set_level(logging.WARNING, logger="pi_agent.keys")
+    path.write_bytes(broken_like(fixed))
+    for _ in range(3):
+        clock.tick()
+        found = ring.find(a)
+        assert found is not None and found.name == "a"  # the keys read before
+    assert [r.levelname for r in caplog.records] == ["ERROR"]  # once, not every second
+    assert "stay in use" in caplog.records[0].getMessage()
+    rewrite_keeping_stamp(path, fixed)
+    clock.tick()
+    assert ring.find(a) is None
+    found = ring.find(b)
+    assert found is not None and found.name == "b"
+    clock.tick()
+    ring.find(b)
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
+    assert "is read again: 2 keys" in caplog.records[1].getMessage()
+
+
+def test_keys_are_found_by_their_hash_among_many(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    keys = [f"pia_{i:043d}" for i in range(100_000)]
+    write_keys(str(path), [ApiKey(id=f"key_{i}", name=f"n{i}", hash=hash_key(key))
+                           for i, key in enumerate(keys)])
+    ring = KeyRing(str(path))
+    assert ring.count == 100_000
+    for i in (0, 54_321, 99_999):
+        found = ring.find(keys[i])
+        assert found is not None and found.id == f"key_{i}"
+    assert ring.find(new_key()) is None
+    assert ring.find(keys[7] + "x") is None
+
+
+def test_a_slow_reload_does_not_hold_up_other_requests(tmp_path: Path) -> None:
+    path, a, b = tmp_path / "keys.json", new_key(), new_key()
+    path.write_bytes(key_file_bytes(tmp_path, a=a))
+    clock, reading, release = Clock(), threading.Event(), threading.Event()
+
+    def offload(function: Callable[[], Any]) -> Any:
+        reading.set()
+        assert release.wait(10)
+        return function()
+
+    ring = KeyRing(str(path), clock=clock, offload=offload)
+    write_keys(str(path), [ApiKey(id="key_b", name="b", hash=hash_key(b))])
+    found: dict[str, ApiKey | None] = {}
+    reloading = threading.Thread(target=lambda: found.update(b=ring.find(b)))
+    other = threading.Thread(target=lambda: found.update(a=ring.find(a)))
+    try:
+        clock.tick()
+        reloading.start()
+        assert reading.wait(5)
+        clock.tick()  # another reload would be due: the running one holds it off
+        other.start()
+        other.join(timeout=2)
+        assert not other.is_alive()
+        assert found["a"] is not None and found["a"].name == "a"  # the keys as they were
+    finally:
+        release.set()
+        reloading.join(timeout=5)
+    assert found["b"] is not None and found["b"].name == "b"
+    assert ring.find(a) is None
+
+
+def test_a_key_file_that_comes_back_is_read_again_by_the_server(
+    tmp_path: Path, keys: Keys, fake: FakeOllama
+) -> None:
+    b = new_key()
+    kept = [k for k in read_keys(str(keys.path)) if k.hash != hash_key(keys.all)]
+    write_keys(str(tmp_path / "fixed.json"),
+               [*kept, ApiKey(id=new_id(), name="b", hash=hash_key(b))])
+    fixed = (tmp_path / "fixed.json").read_bytes()
+
+    def status(key: str) -> int:
+        return requests.get(server.url + "/agents", headers=auth(key), timeout=5).status_code
+
+    def soon(check: Callable[[], bool], seconds: float = 5) -> bool:
+        deadline = time.monotonic() + seconds
+        while not check():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    with serving(tmp_path / "server.log", OLLAMA_URL=fake.url, KEYS_FILE=str(keys.path)) as server:
+        empty = {"X-API-Key": "", "Authorization": f"Bearer {keys.all}"}
+        assert requests.get(server.url + "/agents", headers=empty, timeout=5).status_code == 200
+        keys.path.write_bytes(broken_like(fixed))
+        assert soon(lambda: status(keys.all) == 200 and "stay in use" in server.log.read_text())
+        time.sleep(2.2)  # two more tries, and not a line more in the log
+        assert status(keys.all) == 200 and status(b) == 401
+        rewrite_keeping_stamp(keys.path, fixed)
+        assert soon(lambda: status(keys.all) == 401 and status(b) == 200)
+    log = server.log.read_text()
+    assert log.count("stay in use") == 1 and log.count("is read again:") == 1
+    assert keys.all not in log and b not in log and "Traceback" not in log
 
 
 @pytest.mark.parametrize("keys", [
