@@ -15,9 +15,9 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .client_socket import client_closer
 from .openai_schemas import OpenAIError, OpenAIErrorBody
 from .schemas import ErrorBody, ErrorDetail, FieldProblem, OllamaErrorBody
-from .client_socket import client_closer
 
 logger = logging.getLogger(__name__)
 
