@@ -75,18 +75,25 @@ def quiet_descriptor_errors(log: Any) -> None:
 
     hub = gevent.get_hub()
     handle_error = hub.handle_error
-    last = [-DESCRIPTOR_ERROR_SECONDS, 0]  # when it was said last, and failures since
+    said = [time.monotonic() - DESCRIPTOR_ERROR_SECONDS]  # when the last line was written
+    failed: list[str] = []  # the failures since, not said yet
+
+    def say() -> None:
+        log.error("pi-agent: out of file descriptors (%s): %d failures in the last "
+                  "%.0f s; see docs/security.md", failed[-1], len(failed),
+                  DESCRIPTOR_ERROR_SECONDS)
+        said[0] = time.monotonic()
+        failed.clear()
 
     def handle(context: Any, kind: Any, value: Any, tb: Any) -> None:
         if not (isinstance(value, OSError) and value.errno in (errno.EMFILE, errno.ENFILE)):
             handle_error(context, kind, value, tb)
             return
-        last[1] += 1
-        now = time.monotonic()
-        if now - last[0] >= DESCRIPTOR_ERROR_SECONDS:
-            log.error("pi-agent: out of file descriptors (%s): %d failures in the last "
-                      "%.0f s; see docs/security.md", value.strerror, last[1],
-                      DESCRIPTOR_ERROR_SECONDS)
-            last[0], last[1] = now, 0
+        if not failed:
+            # The first failure in a while is said at once, the ones after it together when
+            # the period is up: a count is said even if the failures stop before then.
+            wait = said[0] + DESCRIPTOR_ERROR_SECONDS - time.monotonic()
+            gevent.spawn_later(max(0.0, wait), say)
+        failed.append(value.strerror or str(value))
 
     hub.handle_error = handle

@@ -57,15 +57,16 @@ class Gunicorn:
     """A gunicorn master and its worker, started on 127.0.0.1 port 0 and stopped by pid."""
 
     def __init__(self, log: Path, *args: str, python: str = sys.executable, cwd: Path = ROOT,
-                 nofile: int | None = None, **settings: str) -> None:
+                 nofile: int | tuple[int, int] | None = None, **settings: str) -> None:
         """``args`` go to gunicorn, ``settings`` become PI_AGENT_* variables; ``python`` and
         ``cwd`` are another installation's interpreter and checkout; ``nofile`` is the
-        server's limit on open files (soft and hard)."""
+        server's limit on open files: one number for soft and hard, or (soft, hard)."""
         self.log = log
 
         def limit() -> None:
             if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                pair = (nofile, nofile) if isinstance(nofile, int) else nofile
+                resource.setrlimit(resource.RLIMIT_NOFILE, pair)
 
         with open(log, "wb") as out:
             self.process = subprocess.Popen(

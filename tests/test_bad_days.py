@@ -283,20 +283,29 @@ def test_memory_is_bounded_in_bytes_and_per_key(
                                     headers={"X-API-Key": keys[key]}, timeout=5)
             return [c["conversation_id"] for c in response.json()["conversations"]]
 
+        def history(key: str, conversation_id: str) -> list[dict[str, str]]:
+            response = requests.get(server.url + "/conversations/" + conversation_id,
+                                    headers={"X-API-Key": keys[key]}, timeout=5)
+            return response.json()["turns"] if response.status_code == 200 else []
+
+        def kept_bytes(key: str, conversation_id: str) -> int:
+            return len(conversation_id) + sum(len(t["user"].encode()) + len(
+                t["assistant"].encode()) for t in history(key, conversation_id))
+
         chat("b", "b-only", "remember me")
         for i in range(6):  # key a makes 6 conversations: it keeps its last 3
             chat("a", f"a-{i}", "hello")
         assert listed("a") == ["a-5", "a-4", "a-3"]
+        assert history("a", "a-2") == []
         assert listed("b") == ["b-only"]  # never another key's
+        assert [t["user"] for t in history("b", "b-only")] == ["remember me"]
         # Filling the budget with 8,000-byte turns: the total stays under it.
         for i in range(12):
             chat("a", "a-5", "x" * 4000)
-        turns = requests.get(server.url + "/conversations/a-5",
-                             headers={"X-API-Key": keys["a"]}, timeout=5).json()["turns"]
-        kept = sum(len(t["user"].encode()) + len(t["assistant"].encode()) for t in turns)
-        assert 0 < kept <= 65536
-        assert len(turns) < 10  # the turn bound alone (10) would keep more
+        assert 0 < kept_bytes("a", "a-5") + kept_bytes("b", "b-only") <= 65536
+        assert len(history("a", "a-5")) < 10  # the turn bound alone (10) would keep more
         # The key that keeps the most bytes gave way: its own older conversations went,
         # then the oldest turns of this one; the other key's conversation is still there.
         assert listed("a") == ["a-5"]
         assert listed("b") == ["b-only"]
+        assert [t["user"] for t in history("b", "b-only")] == ["remember me"]

@@ -65,6 +65,8 @@ def test_keep_alive(keep_alive: str, expected: int | str) -> None:
         ("PI_AGENT_MEMORY_MAX_TURNS", "-1"),
         ("PI_AGENT_MEMORY_TTL_MINUTES", "0"),
         ("PI_AGENT_MEMORY_MAX_CONVERSATIONS", "many"),
+        ("PI_AGENT_MEMORY_MAX_BYTES", "65535"),
+        ("PI_AGENT_MEMORY_MAX_PER_KEY", "0"),
         ("PI_AGENT_CONNECT_TIMEOUT", "-3"),
         ("PI_AGENT_READ_TIMEOUT", "soon"),
         ("PI_AGENT_ENABLE_MEMORY", "maybe"),
@@ -79,6 +81,18 @@ def test_bad_value_is_one_line_naming_the_variable(var: str, value: str) -> None
     message = str(info.value)
     assert message.startswith(f"invalid setting {var}={value!r}: ")
     assert "\n" not in message
+
+
+def test_memory_bounds_reach_the_store() -> None:
+    defaults = load_settings(environ={})
+    assert (defaults.memory_max_bytes, defaults.memory_max_per_key) == (32 * 1024 * 1024, 100)
+    os.environ["PI_AGENT_MEMORY_MAX_BYTES"] = "65536"
+    app = create_app({"MEMORY_MAX_PER_KEY": 3})
+    try:
+        memory = app.extensions["pi_agent"].memory
+        assert (memory.max_bytes, memory.max_per_key) == (65536, 3)
+    finally:
+        app.extensions["pi_agent"].provider.close()
 
 
 def test_bad_override_names_its_key() -> None:

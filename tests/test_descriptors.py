@@ -17,9 +17,11 @@ import requests
 from pi_agent.hosts import DESCRIPTOR_RESERVE, connections_allowed
 
 from .fake_ollama import FakeOllama, Script
-from .live_server import ROOT, serving
+from .live_server import ROOT, Gunicorn, serving
 
-TOKENS = [f"w{i} " for i in range(20)]
+MODEL = "llama3.2:1b"
+TOKENS = [f"w{i} " for i in range(8)]
+REPLY = "".join(TOKENS)
 
 
 def test_connections_fit_the_descriptor_limit() -> None:
@@ -66,8 +68,9 @@ def test_running_out_is_said_once_in_a_while() -> None:
     out = run_child("""
         import errno
         import gevent
-        from pi_agent.worker import quiet_descriptor_errors
+        from pi_agent import worker
 
+        worker.DESCRIPTOR_ERROR_SECONDS = 2.0
         hub = gevent.get_hub()
         passed = []
         hub.handle_error = lambda *args: passed.append(args[2])
@@ -77,56 +80,99 @@ def test_running_out_is_said_once_in_a_while() -> None:
             def error(self, *args):
                 self.lines.append(args[0] % args[1:])
 
-        log = Log()
-        quiet_descriptor_errors(log)
-        for _ in range(100):
+        def fail():
             hub.handle_error(None, OSError, OSError(errno.EMFILE, "Too many open files"), None)
+
+        log = Log()
+        worker.quiet_descriptor_errors(log)
+        fail()
+        gevent.sleep(0.1)
+        for _ in range(99):
+            fail()
         hub.handle_error(None, ValueError, ValueError("other"), None)
+        gevent.sleep(0.1)
         print(len(log.lines), [str(v) for v in passed])
-        print(log.lines[0])
+        gevent.sleep(2.5)  # the period is up, with no failure after the 99
+        for line in log.lines:
+            print(line)
     """)
-    counts, line = out.splitlines()
+    counts, *lines = out.splitlines()
     assert counts == "1 ['other']"
-    assert line.startswith("pi-agent: out of file descriptors (Too many open files): 1 ")
+    assert lines == [
+        "pi-agent: out of file descriptors (Too many open files): 1 failures in the last 2 s; "
+        "see docs/security.md",
+        "pi-agent: out of file descriptors (Too many open files): 99 failures in the last 2 s; "
+        "see docs/security.md",
+    ]
+
+
+def run_turns_among_idle_connections(server: Gunicorn, fake: FakeOllama,
+                                     idle: int) -> list[requests.Response]:
+    """Start a turn of each kind; once all of them are in Ollama, open ``idle`` connections
+    that send nothing, and hold them until every turn has ended. Return the answers."""
+    calls = [("/chat/stream", {"message": "a"}), ("/chat", {"message": "b", "stream": True}),
+             ("/chat", {"message": "c"}),
+             ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "d"}]})]
+    port = int(server.url.rsplit(":", 1)[1])
+    sockets: list[socket.socket] = []
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        answers = [pool.submit(requests.post, server.url + path, json=body, timeout=60)
+                   for path, body in calls]
+        try:
+            deadline = time.monotonic() + 10
+            while len(fake.chat_requests()) < len(calls) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for _ in range(idle):
+                sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            return [answer.result(timeout=90) for answer in answers]
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+def assert_whole(answers: list[requests.Response]) -> None:
+    sse, plain, whole, api = answers
+    assert [answer.status_code for answer in answers] == [200] * 4
+    assert "event: done" in sse.text and "event: error" not in sse.text
+    assert plain.text == REPLY
+    assert whole.json()["reply"] == REPLY
+    lines = [json.loads(line) for line in api.text.splitlines()]
+    assert lines[-1]["done"] is True
+    assert "".join(line["message"]["content"] for line in lines) == REPLY
 
 
 def test_turns_run_on_while_idle_connections_pile_up(
         upstream: FakeOllama, fake: FakeOllama, tmp_path: Path) -> None:
-    fake.script = Script(tokens=TOKENS, token_delay=0.1)
-    with serving(tmp_path / "server.log", nofile=256, OLLAMA_URL=upstream.url,
+    # Slower than the client probe's period, so that each turn looks at its client.
+    fake.script = Script(tokens=TOKENS, token_delay=0.7)
+    with serving(tmp_path / "server.log", nofile=(128, 256), OLLAMA_URL=upstream.url,
                  MAX_CONCURRENT="4", ENABLE_MEMORY="false") as server:
-        port = int(server.url.rsplit(":", 1)[1])
-
-        def sse() -> str:
-            return requests.post(server.url + "/chat/stream", json={"message": "a"},
-                                 timeout=30).text
-
-        def plain() -> str:
-            return requests.post(server.url + "/chat", json={"message": "b", "stream": True},
-                                 timeout=30).text
-
-        def whole() -> tuple[int, str]:
-            response = requests.post(server.url + "/chat", json={"message": "c"}, timeout=30)
-            return response.status_code, response.text
-
-        idle: list[socket.socket] = []
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            turns = [pool.submit(sse), pool.submit(plain), pool.submit(whole)]
-            try:
-                deadline = time.monotonic() + 10
-                while len(fake.chat_requests()) < 3 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                for _ in range(400):  # more than 256 descriptors could hold
-                    idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-                sse_text, plain_text, (status, body) = [t.result(timeout=40) for t in turns]
-            finally:
-                for sock in idle:
-                    sock.close()
-        assert "event: done" in sse_text and "event: error" not in sse_text
-        assert plain_text == "".join(TOKENS)
-        assert status == 200 and json.loads(body)["reply"] == "".join(TOKENS)
+        answers = run_turns_among_idle_connections(server, fake, 400)  # more than 256 fit
         assert requests.get(server.url + "/health", timeout=10).status_code == 200
         log = server.log.read_text()
-    assert "pi-agent: descriptors: soft limit 256; worker_connections 96 (lowered from " \
-        "2000 to fit)" in log
+    assert_whole(answers)
+    assert "pi-agent: descriptors: soft limit 256 (raised from 128); worker_connections 96 " \
+        "(lowered from 2000 to fit)" in log
     assert "Traceback" not in log and "Too many open files" not in log
+
+
+def test_a_worker_out_of_descriptors_cuts_no_turn(
+        upstream: FakeOllama, fake: FakeOllama, tmp_path: Path) -> None:
+    # The project's settings with worker_connections left as they are, so that the worker
+    # takes connections until its descriptors run out, as it would for a limit it cannot
+    # see coming (ENFILE, descriptors held elsewhere in the process).
+    unfitted = tmp_path / "unfitted.conf.py"
+    unfitted.write_text(f"from pathlib import Path\n"
+                        f"exec(Path({str(ROOT / 'gunicorn.conf.py')!r}).read_text())\n"
+                        f"_fit_descriptors = lambda server: None\n")
+    fake.script = Script(tokens=TOKENS, token_delay=0.7)
+    with serving(tmp_path / "server.log", "-c", str(unfitted), nofile=128,
+                 OLLAMA_URL=upstream.url, MAX_CONCURRENT="4", ENABLE_MEMORY="false") as server:
+        answers = run_turns_among_idle_connections(server, fake, 200)
+        assert requests.get(server.url + "/health", timeout=10).status_code == 200
+        log = server.log.read_text()
+    assert_whole(answers)
+    said = log.count("pi-agent: out of file descriptors (Too many open files): ")
+    assert "pi-agent: descriptors:" not in log
+    assert 1 <= said <= 2 and log.count("Too many open files") == said
+    assert "Traceback" not in log

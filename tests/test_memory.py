@@ -1,7 +1,12 @@
-"""MemoryStore: turns, TTL, LRU eviction, partial answers, concurrent appends."""
+"""MemoryStore: turns, TTL, LRU eviction, partial answers, concurrent appends, the byte
+budget and the cap per key."""
 from __future__ import annotations
 
+import random
 import threading
+from collections import Counter
+
+import pytest
 
 from pi_agent.memory import MemoryStore, Turn
 
@@ -203,3 +208,32 @@ def test_the_key_that_keeps_the_most_gives_way_first() -> None:
     assert [cid for cid, _, _ in store.list_conversations()] == ["a-2", "b-old"]
     assert len(store.get_history("a-2")) == 3
     assert store.bytes_used == recount(store) <= 2000
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_running_total_matches_a_recount_whatever_happens(seed: int) -> None:
+    """Every way a turn goes (turn bound, expiry, cap per key, store cap, budget, forget)
+    gives its bytes back, and no bound is passed."""
+    rng = random.Random(seed)
+    clock = Clock()
+    store = make_store(clock, max_turns=4, ttl_seconds=50, max_conversations=12,
+                       max_bytes=3000, max_per_key=5)
+    owners = ["key_a", "key_b", "key_c"]
+    for _ in range(600):
+        clock.now += rng.choice([0, 1, 2, 5])
+        cid = f"c{rng.randrange(30)}"
+        if rng.random() < 0.1:
+            store.forget(cid)
+        else:
+            # Mostly short turns, which reach the caps; now and then one of up to 3,200 bytes.
+            length = rng.randrange(1, 400 if rng.random() < 0.2 else 20)
+            text = rng.choice(["a", "é", "😀"]) * length
+            owner = store.owner(cid) or rng.choice(owners)  # as the views check ownership
+            store.append_turn(cid, Turn(text, text[::-1]), owner=owner)
+        kept = store.list_conversations()
+        assert store.bytes_used == recount(store)
+        assert store.bytes_used <= 3000 or len(kept) == 1
+        assert len(kept) <= 12 and all(turns <= 4 for _, _, turns in kept)
+        assert max(Counter(owner for _, owner, _ in kept).values(), default=0) <= 5
+    clock.now += 51
+    assert len(store) == 0 and store.bytes_used == 0
