@@ -8,13 +8,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, load_settings, setting_keys
+from .version import __version__
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from .keys import Offload
 
-__version__ = "0.1.0"
+__all__ = ["__version__", "create_app"]
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:

@@ -5,7 +5,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
@@ -14,7 +13,8 @@ from .config import Settings
 from .auth import allow_agent, allow_model, require_conversation, current_key
 from .errors import ConversationNotFound, ProviderError, TurnNotRunning, ValidationFailed
 from .events import NDJSON, SSE, EventFormat, EventStream, Timeouts
-from .memory import MemoryStore, Turn
+from .conversation import Recorder, recorder, remembered_messages
+from .memory import Turn
 from .providers.base import ChatCall, ChatStream
 from .schemas import CONVERSATION_ID, Cancelled, ChatReply, ChatRequest, FieldProblem, Usage
 from .state import current_state
@@ -36,17 +36,6 @@ _STOPPED_LINES = {
     "shutting_down": b"\n[error] the server is shutting down\n",
     "timeout": b"\n[error] the model server did not answer in time\n",
 }
-
-# Stores a finished or partial answer; built before the stream starts, so it holds plain values.
-Recorder = Callable[[str, bool, str], None]
-
-
-@bp.after_app_request
-def _add_conversation_header(response: Response) -> Response:
-    conversation_id = g.get("conversation_id")
-    if conversation_id:
-        response.headers["X-Conversation-Id"] = conversation_id
-    return response
 
 
 @bp.post("/chat")
@@ -197,15 +186,6 @@ def build_call(agent: Agent, settings: Settings, history: list[Turn], message: s
     )
 
 
-def remembered_messages(history: list[Turn]) -> list[dict[str, Any]]:
-    """A conversation's remembered turns as chat messages, oldest first."""
-    messages: list[dict[str, Any]] = []
-    for turn in history:
-        messages.append({"role": "user", "content": turn.user})
-        messages.append({"role": "assistant", "content": turn.assistant})
-    return messages
-
-
 def relay_text(
     stream: ChatStream, record: Recorder, count: Callable[[int], None],
     finish: Callable[[], None], watch: TurnWatch,
@@ -280,20 +260,3 @@ def _event_format(streaming: bool, default_sse: bool) -> EventFormat | None:
     if wants_sse or default_sse:
         return SSE
     return None
-
-
-def recorder(
-    memory: MemoryStore | None, conversation_id: str, message: str, owner: str
-) -> Recorder:
-    """How a turn remembers its answer to ``message``; with no memory, it does not."""
-    def record(answer: str, partial: bool, done_reason: str) -> None:
-        # Only an answer the model gave to a user's message is remembered: an empty one, a
-        # failed turn, or a /v1 request without a user message is not.
-        if memory is not None and answer and message:
-            memory.append_turn(
-                conversation_id,
-                Turn(user=message, assistant=answer, partial=partial, done_reason=done_reason),
-                owner,
-            )
-
-    return record

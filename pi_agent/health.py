@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 from flask import Blueprint, Response, jsonify
 
-from . import __version__
 from .errors import ProviderError, ProviderUnavailable
 from .providers.base import Provider
 from .schemas import Health, Readiness
 from .state import current_state
+from .version import __version__
 
 bp = Blueprint("health", __name__)
 

@@ -27,8 +27,8 @@ from .auth import (
     may_use_model,
     require_conversation,
 )
-from .chat import Recorder, recorder
 from .config import Settings
+from .conversation import Recorder, recorder
 from .embeddings import fetch_embeddings
 from .errors import (
     ClientGone,

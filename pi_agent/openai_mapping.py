@@ -10,8 +10,8 @@ import re
 from typing import Any
 
 from .agents import Agent, base_options
-from .chat import remembered_messages
 from .context import check_fits, trim_history
+from .conversation import remembered_messages
 from .errors import InvalidRequest, UnknownModel
 from .openai_schemas import (
     ChatCompletionRequest,
