@@ -1,148 +1,25 @@
 """Pi Agent Server: a small agent gateway in front of Ollama."""
 from __future__ import annotations
 
-import logging
-import re
-import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, load_settings, setting_keys
 from .version import __version__
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from .keys import Offload
-
 __all__ = ["__version__", "create_app"]
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Create and configure an instance of the Flask application.
-
-    Settings come from the defaults, then ``PI_AGENT_*`` environment variables, then
-    ``config`` (setting names without the prefix, e.g. ``{"MODEL": "qwen3:0.6b"}``; other
-    keys, such as ``TESTING``, go to Flask's own config).
+    """Create and configure the Flask app (see pi_agent/app.py).
 
     :raise ConfigError: a setting is invalid; the message names it.
     """
-    # Flask and requests import ssl. They load here rather than at the top because
-    # gunicorn.conf.py imports pi_agent.config in the master, before gevent patches ssl.
-    from flask import Flask
-    from flask_cors import CORS
+    # Imported here, not at the top: gunicorn's master imports pi_agent.config, and with it
+    # this package, and must not load Flask or requests (they import ssl before gevent
+    # patches it in the worker).
+    from .app import create_app as build
 
-    from . import (
-        agents, auth, chat, conversations, framing, health, ollama_api, openai_api, tracing,
-    )
-    from .admission import Admission
-    from .errors import register_error_handlers
-    from .events import RunningTurns
-    from .hosts import watch_host
-    from .keys import KeyFileError, KeyRing
-    from .limits import Limits
-    from .lifecycle import Shutdown
-    from .streaming import Watchdog
-    from .memory import MemoryStore
-    from .providers import PROVIDERS
-    from .state import EXTENSION_KEY, AppState
-
-    settings = load_settings(config)
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config.from_mapping(
-        {key: value for key, value in (config or {}).items() if key.upper() not in setting_keys()}
-    )
-    app.json.sort_keys = False  # type: ignore[attr-defined]
-    _configure_logging(settings.log_level)
-
-    memory = None
-    if settings.enable_memory:
-        memory = MemoryStore(
-            max_turns=settings.memory_max_turns,
-            ttl_seconds=settings.memory_ttl_minutes * 60,
-            max_conversations=settings.memory_max_conversations,
-            max_bytes=settings.memory_max_bytes,
-            max_per_key=settings.memory_max_per_key,
-        )
-    keys = None
-    if settings.keys_file and settings.auth == "on":
-        try:
-            keys = KeyRing(settings.keys_file, offload=_gevent_threadpool())
-        except KeyFileError as exc:
-            raise ConfigError(f"invalid setting PI_AGENT_KEYS_FILE: {exc}") from None
-    elif settings.auth == "off":
-        logging.getLogger(__name__).warning(
-            "PI_AGENT_AUTH=off: every request is served without an API key")
-    provider = PROVIDERS[settings.provider](settings)
-    app.extensions[EXTENSION_KEY] = AppState(
-        settings=settings,
-        provider=provider,
-        memory=memory,
-        agents=agents.index_agents(),
-        readiness=health.ReadinessCheck(
-            provider, settings.model, settings.ollama_url, settings.ready_cache_seconds
-        ),
-        admission=Admission(settings.max_concurrent, settings.max_queue),
-        running=RunningTurns(),
-        shutdown=Shutdown(),
-        watchdog=Watchdog(),
-        keys=keys,
-        limits=Limits(),
-    )
-
-    register_error_handlers(app)
-    tracing.init_app(app)
-    framing.init_app(app)
-    auth.init_app(app)
-    if settings.cors_origins:
-        # Browsers on other origins get no CORS headers unless their origin is allowed; the
-        # preflight is answered without a key. Keys, not cookies: credentials stay off.
-        # Without origins there is nothing to add, and no hook runs on every response.
-        # flask-cors reads an origin with brackets (an IPv6 address) as a regular expression.
-        origins = [re.compile(re.escape(o) + r"\Z") if "[" in o else o
-                   for o in settings.cors_origins]
-        CORS(app, origins=origins, supports_credentials=False,
-             allow_headers=["Content-Type", "Authorization", "X-API-Key", "X-Conversation-Id",
-                            "X-Request-ID"],
-             expose_headers=["X-Conversation-Id", "X-Request-ID", "Retry-After",
-                             "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
-                             "X-RateLimit-Limit-Tokens", "X-RateLimit-Remaining-Tokens",
-                             "X-RateLimit-Reset-Tokens"])
-    app.register_blueprint(health.bp)
-    app.register_blueprint(agents.bp)
-    app.register_blueprint(chat.bp)
-    app.register_blueprint(conversations.bp)
-    app.register_blueprint(openai_api.bp)
-    app.register_blueprint(ollama_api.bp)
-    watch_host(app, settings)
-    return app
-
-
-def _gevent_threadpool() -> Offload | None:
-    """Run functions in gevent's pool of OS threads where gevent has patched the standard
-    library (gunicorn's gevent worker), so that reading a large key file does not stall the
-    loop; elsewhere None: read inline."""
-    # Looked up, not imported: the app never loads gevent itself, and "gevent.monkey" is
-    # loaded once anything was patched.
-    monkey = sys.modules.get("gevent.monkey")
-    if "gevent" not in sys.modules or monkey is None or not monkey.is_module_patched("socket"):
-        return None
-    gevent = sys.modules["gevent"]
-    # The hub of the thread that reads, looked up then: each thread has its own.
-    return lambda function: gevent.get_hub().threadpool.apply(function)
-
-
-def _configure_logging(level: str) -> None:
-    logger = logging.getLogger(__name__)
-    logger.setLevel(level)
-    # Under gunicorn nothing handles the root logger; elsewhere the host's handlers are kept.
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
-        )
-        logger.addHandler(handler)
-        # A host may give the root logger a handler after the app is built (waitress-serve
-        # does); the lines would then be written twice.
-        logger.propagate = False
+    return build(config)
