@@ -1,6 +1,6 @@
 """Gunicorn settings for Pi Agent Server: one gevent worker, made for long streams.
 
-Imports only pi_agent.config, pi_agent.keys, pi_agent.exposure and pi_agent.hosts, which load
+Imports only pi_agent.config, pi_agent.security.keys and .exposure, and pi_agent.hosts, which load
 neither ssl nor requests: the gevent worker patches the standard library after the fork, and modules
 loaded before it stay unpatched. gevent itself is loaded after the fork too (see
 pi_agent/worker.py), so the master, which serves no request, stays about 5 MiB smaller.
@@ -43,10 +43,10 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Refuse to listen beyond loopback without API keys (see pi_agent/exposure.py), on
+    """Refuse to listen beyond loopback without API keys (see pi_agent/security/exposure.py), on
     the addresses gunicorn will bind, -b included."""
-    from pi_agent.exposure import refusal
-    from pi_agent.keys import KeyFileError
+    from pi_agent.security.exposure import refusal
+    from pi_agent.security.keys import KeyFileError
 
     try:
         # Read again: gunicorn has applied its -e variables to the environment by now.
@@ -140,7 +140,7 @@ def post_worker_init(worker):
     running then ends with an error event server_shutting_down instead of a silent cut."""
     import signal
 
-    from pi_agent.lifecycle import announce_shutdown
+    from pi_agent.state import announce_shutdown
 
     previous = signal.getsignal(signal.SIGTERM)
 

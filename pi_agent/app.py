@@ -13,21 +13,27 @@ from typing import Any
 from flask import Flask
 from flask_cors import CORS
 
-from . import (
-    agents, auth, chat, conversations, framing, health, ollama_api, openai_api, tracing,
-)
-from .admission import Admission
 from .config import ConfigError, Settings, load_settings, setting_keys
-from .errors import register_error_handlers
-from .events import RunningTurns
+from .core.admission import Admission
+from .core.agents import index_agents
+from .core.lifecycle import Shutdown
+from .core.readiness import ReadinessCheck
+from .core.running import RunningTurns
+from .core.turn import Turns
+from .core.watch import Watchdog
 from .hosts import watch_host
-from .keys import KeyFileError, KeyRing, Offload
-from .limits import Limits
-from .lifecycle import Shutdown
 from .memory import MemoryStore
 from .providers import PROVIDERS
+from .security.keys import KeyFileError, KeyRing, Offload
+from .security.limits import Limits
 from .state import EXTENSION_KEY, AppState
-from .streaming import Watchdog
+from .web import auth, errors, framing, tracing
+from .web.native import agents, chat, conversations, health
+from .web.native.errors import render_error
+from .web.ollama import errors as ollama_errors
+from .web.ollama import routes as ollama_routes
+from .web.openai import errors as openai_errors
+from .web.openai import routes as openai_routes
 
 # The package's logger: every module's logs under it.
 logger = logging.getLogger("pi_agent")
@@ -52,14 +58,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     _configure_logging(settings.log_level)
     app.extensions[EXTENSION_KEY] = build_state(settings)
 
-    register_error_handlers(app)
+    errors.init_app(app, [(openai_errors.owns, openai_errors.render_error),
+                          (ollama_errors.owns, ollama_errors.render_error)], render_error)
     tracing.init_app(app)
     framing.init_app(app)
     auth.init_app(app)
     if settings.cors_origins:
         _allow_origins(app, settings.cors_origins)
-    for blueprint in (health.bp, agents.bp, chat.bp, conversations.bp, openai_api.bp,
-                      ollama_api.bp):
+    for blueprint in (health.bp, agents.bp, chat.bp, conversations.bp, openai_routes.bp,
+                      ollama_routes.bp):
         app.register_blueprint(blueprint)
     watch_host(app, settings)
     return app
@@ -85,20 +92,23 @@ def build_state(settings: Settings) -> AppState:
     elif settings.auth == "off":
         logger.warning("PI_AGENT_AUTH=off: every request is served without an API key")
     provider = PROVIDERS[settings.provider](settings)
+    admission = Admission(settings.max_concurrent, settings.max_queue)
+    running, watchdog, shutdown, limits = RunningTurns(), Watchdog(), Shutdown(), Limits()
     return AppState(
         settings=settings,
         provider=provider,
         memory=memory,
-        agents=agents.index_agents(),
-        readiness=health.ReadinessCheck(
+        agents=index_agents(),
+        readiness=ReadinessCheck(
             provider, settings.model, settings.ollama_url, settings.ready_cache_seconds
         ),
-        admission=Admission(settings.max_concurrent, settings.max_queue),
-        running=RunningTurns(),
-        shutdown=Shutdown(),
-        watchdog=Watchdog(),
+        admission=admission,
+        running=running,
+        shutdown=shutdown,
+        watchdog=watchdog,
         keys=keys,
-        limits=Limits(),
+        limits=limits,
+        turns=Turns(settings, provider, admission, running, watchdog, shutdown, memory, limits),
     )
 
 

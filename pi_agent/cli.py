@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from .config import ConfigError, load_settings
-from .keys import (
+from .core.agents import AGENTS
+from .security.keys import (
     ApiKey,
     KeyFileError,
     created_now,
@@ -62,8 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _create(path: str, current: list[ApiKey], args: argparse.Namespace) -> int:
-    from .agents import AGENTS
-
     agents = _names(args.agents)
     unknown = sorted(set(agents or ()) - {agent.name for agent in AGENTS})
     if unknown:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 ENV_PREFIX = "PI_AGENT_"
+# The id of the one user of a server without API keys (local mode), who may do everything.
+LOCAL_ID = "local"
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 # A cold model load on a Raspberry Pi takes minutes, and Ollama sends no byte before it ends.
@@ -168,7 +170,7 @@ class Settings:
     ready_cache_seconds: float = _setting(5.0, _number(0, 3600))
     bind: str = _setting("127.0.0.1:8000", _text(200))
     log_level: str = _setting("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
-    # Security (see keys.py and auth.py). No keys file: no keys, and loopback only.
+    # Security (see security/keys.py and web/auth.py). No keys file: no keys, and loopback only.
     keys_file: str = _setting("", _path)
     auth: str = _setting("on", _choice("on", "off"))
     cors_origins: tuple[str, ...] = _setting((), _origins)

@@ -1,29 +1,25 @@
-"""Errors that know their HTTP status, and the one handler that renders every error as JSON.
+"""Errors that know their HTTP status, a stable code and a message a client can act on.
 
-An error body has the shape of the API that was called: the project's own
-``{"error": {"code": "...", "message": "..."}}`` (plus ``"fields"`` for a validation
-failure), OpenAI's ``{"error": {"message", "type", "param", "code"}}`` under ``/v1``, and
-Ollama's ``{"error": "..."}`` under ``/api`` and on ``/``. Clients get a stable code and
-message; tracebacks, upstream URLs and exception texts go to the log only.
+Rendering them is the web layer's job (pi_agent/web/errors.py picks the front's renderer):
+here they are only raised and caught, also where no request exists.
 """
 from __future__ import annotations
 
-import logging
-import socket
-from typing import Any
-
-from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
-
-from .client_socket import client_closer
-from .openai_schemas import OpenAIError, OpenAIErrorBody
-from .schemas import ErrorBody, ErrorDetail, FieldProblem, OllamaErrorBody
-
-logger = logging.getLogger(__name__)
+from pydantic import BaseModel
 
 
-class PiAgentError(HTTPException):
-    """Base of the server's own errors: an HTTP status, a stable code and a message."""
+class FieldProblem(BaseModel):
+    """One failing field of a rejected body; the input itself is never echoed back."""
+
+    field: str
+    problem: str
+
+
+class PiAgentError(Exception):
+    """Base of the server's own errors: an HTTP status, a stable code and a message.
+
+    Not a werkzeug ``HTTPException``: the core raises these without knowing about Flask.
+    """
 
     code = 500
     error_code = "internal_error"
@@ -34,9 +30,15 @@ class PiAgentError(HTTPException):
     close_connection = False
 
     def __init__(self, description: str | None = None, param: str | None = None) -> None:
-        super().__init__(description)
+        if description is not None:
+            self.description = description
         if param is not None:
             self.param = param
+        super().__init__(self.description)
+
+    def get_headers(self) -> list[tuple[str, str]]:
+        """Headers that the response to this error must carry."""
+        return []
 
 
 class InvalidRequest(PiAgentError):
@@ -116,8 +118,8 @@ class Unauthenticated(PiAgentError):
     description = ("a valid API key is required: send it as X-API-Key: <key> or "
                    "Authorization: Bearer <key>")
 
-    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
-        return [*super().get_headers(*args, **kwargs), ("WWW-Authenticate", "Bearer")]
+    def get_headers(self) -> list[tuple[str, str]]:
+        return [*super().get_headers(), ("WWW-Authenticate", "Bearer")]
 
 
 class LocalOnly(PiAgentError):
@@ -148,8 +150,8 @@ class TryLater(PiAgentError):
         super().__init__(description)
         self.retry_after = retry_after
 
-    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
-        return [*super().get_headers(*args, **kwargs), ("Retry-After", str(self.retry_after))]
+    def get_headers(self) -> list[tuple[str, str]]:
+        return [*super().get_headers(), ("Retry-After", str(self.retry_after))]
 
 
 class RateLimited(TryLater):
@@ -287,90 +289,3 @@ class ProviderTimeout(ProviderError):
     code = 504
     error_code = "upstream_timeout"
     description = "the model server did not answer in time"
-
-
-# Status codes werkzeug raises by itself, given codes in our shape.
-_WERKZEUG_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
-
-
-def register_error_handlers(app: Flask) -> None:
-    """Render every error raised in ``app``, ours and werkzeug's, in the called API's shape."""
-    app.register_error_handler(HTTPException, _render_http_error)
-    app.register_error_handler(Exception, _render_unexpected_error)
-
-
-def error_response(status: int, code: str, message: str, **extra: Any) -> Response:
-    """Build an error response in the project's own shape."""
-    body = ErrorBody(error=ErrorDetail(code=code, message=message, **extra))
-    response = jsonify(body.model_dump(mode="json", exclude_none=True))
-    response.status_code = status
-    return response
-
-
-def openai_error(exc: PiAgentError) -> OpenAIErrorBody:
-    """The error as OpenAI's API words it, for a response or for an event in a stream."""
-    status = exc.code or 500
-    message = exc.summary() if isinstance(exc, ValidationFailed) else exc.description
-    if status == 429:
-        kind, code = "requests", "rate_limit_exceeded"
-    elif status == 401:
-        kind, code = "invalid_request_error", "invalid_api_key"
-    elif status >= 500:
-        kind, code = "server_error", exc.error_code
-    else:
-        kind, code = "invalid_request_error", exc.error_code
-    return OpenAIErrorBody(error=OpenAIError(message=message, type=kind, param=exc.param,
-                                             code=code))
-
-
-def _render_http_error(exc: HTTPException) -> Response:
-    error = exc if isinstance(exc, PiAgentError) else _as_ours(exc)
-    status = error.code or 500
-    path = request.path
-    if path == "/v1" or path.startswith("/v1/"):
-        # OpenAI has no 422: its SDKs expect a 400 for a body that fails validation.
-        response = jsonify(openai_error(error).model_dump())
-        response.status_code = 400 if status == 422 else status
-        if isinstance(error, (TurnCancelled, ProviderTimeout)):
-            # OpenAI's SDKs retry a 409 and a 5xx: a cancel must stick, and a turn that
-            # ran out of time would only take as long again.
-            response.headers["x-should-retry"] = "false"
-    elif path == "/" or path.startswith("/api/"):
-        message = error.summary() if isinstance(error, ValidationFailed) else error.description
-        response = jsonify(OllamaErrorBody(error=message).model_dump())
-        response.status_code = 400 if status == 422 else status  # Ollama has no 422 either
-    elif isinstance(error, ValidationFailed):
-        response = error_response(status, error.error_code, error.description,
-                                  fields=error.fields)
-    else:
-        response = error_response(status, error.error_code, error.description)
-    # Keep what werkzeug set for this status, such as Allow on a 405.
-    for name, value in exc.get_headers():
-        if name.lower() != "content-type":
-            response.headers[name] = value
-    if error.close_connection or status == 413:
-        # The body, or the rest of it, may still be on its way: the connection must not
-        # read it as the next request, nor wait for it.
-        close = client_closer(request.environ, socket.SHUT_WR)
-        if close is not None:
-            response.call_on_close(close)
-    return response
-
-
-def _as_ours(exc: HTTPException) -> PiAgentError:
-    """A werkzeug error (404, 405, 413, ...) with a code in our style."""
-    error = PiAgentError(exc.description or exc.name.lower())
-    error.code = exc.code or 500
-    error.error_code = _WERKZEUG_CODES.get(error.code, f"http_{error.code}")
-    return error
-
-
-def _render_unexpected_error(exc: Exception) -> Response:
-    logger.exception("unhandled error")
-    return _render_http_error(PiAgentError())

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Settings
 
+# For type hints only: gunicorn's master imports this module and must not load Flask.
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from flask import Flask

@@ -7,7 +7,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .keys import LOCAL_ID
+from .config import LOCAL_ID
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,23 +3,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from flask import current_app
+from flask import Flask, current_app
 
-from .admission import Admission
 from .config import Settings
-from .keys import KeyRing
-from .limits import Limits
-from .lifecycle import Shutdown
-from .streaming import Watchdog
+from .core.admission import Admission
+from .core.agents import Agent
+from .core.lifecycle import Shutdown
+from .core.readiness import ReadinessCheck
+from .core.running import RunningTurns
+from .core.turn import Turns
+from .core.watch import Watchdog
 from .memory import MemoryStore
 from .providers.base import Provider
-
-if TYPE_CHECKING:
-    from .agents import Agent
-    from .events import RunningTurns
-    from .health import ReadinessCheck
+from .security.keys import KeyRing
+from .security.limits import Limits
 
 EXTENSION_KEY = "pi_agent"
 
@@ -41,9 +39,18 @@ class AppState:
     watchdog: Watchdog
     keys: KeyRing | None  # None: no key file, local mode
     limits: Limits
+    turns: Turns  # opens each request's turn, with the parts above that a turn uses
 
 
 def current_state() -> AppState:
     """Return the state of the app that handles the current request."""
     state: AppState = current_app.extensions[EXTENSION_KEY]
     return state
+
+
+def announce_shutdown(app: Flask, grace_seconds: float) -> None:
+    """Tell ``app`` that its server stops accepting and will end what runs after
+    ``grace_seconds``; gunicorn.conf.py calls this on SIGTERM."""
+    state = app.extensions.get(EXTENSION_KEY)
+    if state is not None:
+        state.shutdown.begin(grace_seconds)

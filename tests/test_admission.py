@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from pi_agent.admission import Admission
+from pi_agent.core.admission import Admission
 from pi_agent.errors import ConversationBusy, QueueFull
 
 from .fake_ollama import FakeOllama, Script

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pi_agent.keys import ApiKey, hash_key, new_key, write_keys
+from pi_agent.security.keys import ApiKey, hash_key, new_key, write_keys
 
 from .fake_ollama import FakeOllama, Script
 from .live_server import Gunicorn, serving

@@ -10,8 +10,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from pi_agent.chat import TRUNCATED_LINE
 from pi_agent.memory import Turn
+from pi_agent.web.native.events import TRUNCATED_LINE
 
 from .conftest import state, unused_port
 from .fake_ollama import FakeOllama, Script

@@ -41,7 +41,7 @@ def run_child(code: str) -> str:
 def test_a_probe_out_of_descriptors_does_not_call_the_client_gone() -> None:
     out = run_child("""
         import errno, os, resource, socket
-        from pi_agent.streaming import client_probe
+        from pi_agent.web.client_socket import client_probe
 
         ours, theirs = socket.socketpair()
         probe = client_probe({"gunicorn.socket": ours})

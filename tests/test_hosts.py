@@ -17,7 +17,7 @@ from flask import Flask
 
 from pi_agent.config import load_settings
 from pi_agent.hosts import FirstRequestCheck, threads_needed
-from pi_agent.streaming import client_probe
+from pi_agent.web.client_socket import client_probe
 
 from .fake_ollama import FakeOllama, Script
 from .live_server import Gunicorn, RawStream, Waitress, serving, serving_waitress

@@ -128,7 +128,7 @@ class HangingProvider:
 
 
 def test_a_slow_probe_still_caches_its_answer() -> None:
-    from pi_agent.health import ReadinessCheck
+    from pi_agent.core.readiness import ReadinessCheck
 
     clock = [100.0]
     provider = HangingProvider(clock, seconds=10)  # longer than the cache lifetime

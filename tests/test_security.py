@@ -19,7 +19,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from pi_agent.cli import main as cli
-from pi_agent.keys import (
+from pi_agent.security.keys import (
     RELOAD_SECONDS, ApiKey, KeyRing, hash_key, new_id, new_key, read_keys, write_keys,
 )
 

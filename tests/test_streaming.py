@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pi_agent.streaming import client_probe
+from pi_agent.web.client_socket import client_probe
 
 
 @pytest.fixture

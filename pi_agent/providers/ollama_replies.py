@@ -12,6 +12,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from pydantic import (
+    BaseModel,
+)
+
 from ..errors import UpstreamError, UpstreamProtocolError
 from .base import ChatChunk, ToolCall
 
@@ -87,3 +91,9 @@ def unix_seconds(timestamp: Any) -> int:
         return int(datetime.fromisoformat(trimmed).timestamp())
     except ValueError:
         return 0
+
+
+class OllamaErrorBody(BaseModel):
+    """An error of the Ollama-compatible API, in Ollama's own shape."""
+
+    error: str

@@ -1,0 +1,80 @@
+"""What a turn tells its client, as one sequence of typed events, and the encoders that
+write it in each front's format.
+
+A turn yields ``Started``, then ``Queued`` while it waits for a slot, then the reply's
+chunks (``ChatChunk``, as the provider gives them: text, thinking or tool calls), then
+exactly one ``Done`` or ``Failed``; ``Heartbeat`` whenever nothing else was said for a
+while. The events issue #15 adds (a route taken, sources, tool calls) are new classes here
+and a method on the encoders that show them: an encoder shows nothing of an event it has
+no method for, so no other front changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import PiAgentError
+from ..providers.base import ChatChunk
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The turn is accepted: its conversation, agent and model."""
+
+    conversation_id: str
+    agent: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """The turn waits for a generation slot, at ``position`` (from 1)."""
+
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Nothing else happened for a heartbeat interval: the client learns the turn is alive."""
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The reply ended. ``chunk`` is its last chunk (it may carry text too), with the
+    counts; ``timings`` are milliseconds: queue_ms, first_token_ms, total_ms."""
+
+    chunk: ChatChunk
+    conversation_id: str
+    timings: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The turn ended without its reply; ``error`` says why."""
+
+    error: PiAgentError
+
+
+# A chunk of the reply is the provider's ChatChunk itself: none is copied per token.
+Event = Started | Queued | Heartbeat | ChatChunk | Done | Failed
+
+HEARTBEAT = Heartbeat()
+
+
+class Encoder:
+    """Writes a turn's events as one API's bytes: ``encode`` calls the method for the
+    event's kind; a kind the encoder has no method for writes ``b""``."""
+
+    content_type = "application/octet-stream"
+    _methods: ClassVar[dict[type, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        names = {Started: "start", Queued: "queued", Heartbeat: "ping", ChatChunk: "chunk",
+                 Done: "done", Failed: "error"}
+        cls._methods = {kind: getattr(cls, name) for kind, name in names.items()
+                        if hasattr(cls, name)}
+
+    def encode(self, event: Event) -> bytes:
+        method = self._methods.get(type(event))
+        return method(self, event) if method is not None else b""

@@ -1,0 +1,279 @@
+"""A turn answered as an event stream: it writes ``Started``, then ``Queued`` while it waits
+for a slot, the reply's chunks as the generation (in a thread of its own, see
+generation.py) hands them over, then exactly one ``Done`` or ``Failed``, with heartbeats
+while nothing else is written. Between writes it looks after the first-token, idle and
+total timeouts, a cancel, the shutdown and a client that left; while a write is held up
+by a client that reads nothing, the watchdog does (``WriteWatch``).
+
+One generator yields the bytes; what to write next is worked out by plain methods, so a
+token passes through one generator and one encoder call.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..config import Settings
+from ..errors import (
+    PiAgentError,
+    ProviderError,
+    ProviderTimeout,
+    ServerShuttingDown,
+    TurnCancelled,
+)
+from ..providers.base import Abort, ChatCall, ChatChunk, Provider
+from .admission import Admission, Ticket
+from .events import HEARTBEAT, Done, Encoder, Failed, Queued, Started
+from .generation import Generation
+from .lifecycle import Shutdown
+from .watch import Watchdog, WriteWatch
+
+logger = logging.getLogger(__name__)
+
+# How often a waiting stream looks for a cancel request or a client that left (at least
+# twice per heartbeat interval); heartbeats are rarer.
+POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    heartbeat: float
+    first_token: float
+    idle: float
+    total: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Timeouts:
+        return cls(settings.heartbeat_seconds, settings.first_token_timeout,
+                   settings.idle_timeout, settings.total_timeout)
+
+
+class RelayedTurn(Protocol):
+    """What the relay needs of its turn (a ``turn.Turn``)."""
+
+    conversation_id: str
+    agent: str
+    ticket: Ticket
+    abort: Abort
+    count_tokens: Callable[[int], None]
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    @property
+    def client_gone(self) -> Callable[[], bool]: ...
+
+    @property
+    def hang_up(self) -> Callable[[], None] | None: ...
+
+    def build_call(self) -> ChatCall: ...
+
+    def record(self, answer: str, partial: bool, done_reason: str) -> None: ...
+
+    def release(self) -> None: ...
+
+
+# The relay's phases.
+_STARTING, _WAITING, _GENERATING, _ENDED = range(4)
+
+
+class EventRelay:
+    """A turn's event stream; iterate it for the bytes. ``failure`` is why it ended in a
+    ``Failed`` event, once it has."""
+
+    def __init__(self, turn: RelayedTurn, encoder: Encoder, timeouts: Timeouts,
+                 admission: Admission, provider: Provider, watchdog: Watchdog,
+                 shutdown: Shutdown) -> None:
+        self._turn = turn
+        self._encode = encoder.encode
+        self._timeouts = timeouts
+        self._admission = admission
+        self._provider = provider
+        self._watchdog = watchdog
+        self._shutdown = shutdown
+        # Whether the client closed its connection; asked at every poll, so that a client
+        # that leaves is noticed before the next heartbeat would fail to reach it.
+        self._client_gone = turn.client_gone
+        self._poll = min(POLL_SECONDS, timeouts.heartbeat / 2)
+        self.failure: PiAgentError | None = None
+        self._phase = _STARTING
+        self._generation: Generation | None = None
+        self._outcome = "disconnected"  # until it is known to be otherwise
+        self._pieces: list[str] = []
+        self._chunks = 0  # chunks relayed, about one token each, for a turn cut short
+        self._started = self._last_write = self._last_look = time.monotonic()
+        self._position = 0
+        self._began = self._deadline = self._end = 0.0
+        self._queue_ms = 0
+        self._first_token_ms: int | None = None
+        self._writes: WriteWatch | None = None
+
+    def __iter__(self) -> Generator[bytes, None, None]:
+        """Yield the events; close the upstream however the stream ends. The idle and total
+        deadlines hold also while a write is blocked on a client that reads nothing: the
+        watchdog then closes the client's connection."""
+        hang_up = self._turn.hang_up
+        writes = None
+        if hang_up is not None:
+            writes = self._writes = WriteWatch(self._watchdog, hang_up, self._timeouts.idle)
+            writes.start()
+        try:
+            while (data := self._next()) is not None:
+                if not data:
+                    continue
+                if writes is not None:
+                    writes.writing_since = time.monotonic()
+                yield data
+                if writes is not None:
+                    writes.writing_since = None
+                self._last_write = time.monotonic()
+        finally:
+            if writes is not None:
+                writes.stop()
+            self._finish()
+            # The turn is over once its stream is: its slot goes to the next one now, not
+            # when the WSGI server gets round to closing the body (which releases it too,
+            # for a stream that never started).
+            self._turn.release()
+
+    def _next(self) -> bytes | None:
+        """The next bytes to write (``b""``: nothing yet), or None once the stream ended."""
+        if self._phase == _GENERATING:
+            return self._generating()
+        if self._phase == _WAITING:
+            return self._waiting()
+        if self._phase == _STARTING:
+            turn = self._turn
+            self._phase = _WAITING
+            self._position = self._admission.position(turn.ticket)
+            data = self._encode(Started(turn.conversation_id, turn.agent, turn.model))
+            if self._position and not turn.cancelled:
+                data += self._encode(Queued(self._position))
+            return data
+        return None
+
+    def _waiting(self) -> bytes | None:
+        """Wait for a slot, telling the client its place as it changes."""
+        turn = self._turn
+        while self._position and not turn.cancelled:
+            new = self._admission.wait_for_change(turn.ticket, self._position, self._poll)
+            if new != self._position:
+                self._position = new
+                return self._encode(Queued(new)) if new else b""
+            if self._client_gone():
+                self._phase = _ENDED
+                return None
+            if self._shutdown.begun:
+                # A turn that has not started will not get to run before the end.
+                return self._fail(ServerShuttingDown())
+            if time.monotonic() - self._last_write >= self._timeouts.heartbeat:
+                return self._encode(HEARTBEAT)
+        if turn.cancelled:
+            self._outcome = "cancelled"
+            return self._fail(TurnCancelled())
+        if self._shutdown.begun:
+            return self._fail(ServerShuttingDown())
+        self._generate()
+        return b""
+
+    def _generate(self) -> None:
+        """Start the generation, with the history as it is now that the turn has a slot."""
+        turn = self._turn
+        self._queue_ms = _ms(time.monotonic() - self._started)
+        self._generation = Generation(self._provider, turn.build_call(), turn.abort)
+        self._generation.start()
+        self._phase = _GENERATING
+        self._began = self._last_look = time.monotonic()
+        self._deadline = self._began + self._timeouts.first_token
+        self._end = self._began + self._timeouts.total
+        if self._writes is not None:
+            self._writes.end_at = self._end
+
+    def _generating(self) -> bytes | None:
+        """Wait for the next chunk, at most until a heartbeat is due."""
+        assert self._generation is not None
+        timeouts = self._timeouts
+        now = time.monotonic()
+        wait = min(self._last_write + timeouts.heartbeat, self._deadline, self._end,
+                   now + self._poll)
+        item = self._generation.next(wait - now)
+        now = time.monotonic()
+        stop = self._reason_to_stop(now)
+        if stop is not None:
+            return stop or None
+        if item is None:
+            if now >= self._deadline or now >= self._end:
+                self._outcome = "failed"
+                logger.warning("upstream timed out (%s)", "first token"
+                               if self._first_token_ms is None else "idle/total")
+                return self._fail(ProviderTimeout())
+            if now - self._last_write >= timeouts.heartbeat:
+                return self._encode(HEARTBEAT)
+            return b""
+        if isinstance(item, ProviderError):
+            self._outcome = "failed"
+            logger.warning("event stream ended by %s", type(item).__name__)
+            return self._fail(item)
+        return self._chunk(item, now)
+
+    def _reason_to_stop(self, now: float) -> bytes | None:
+        """The stream's last bytes if it must stop now (``b""``: the client left), else
+        None. Thinking chunks write nothing either: the client is looked at every poll
+        while the stream is silent, whatever arrives from upstream."""
+        if now - max(self._last_write, self._last_look) >= self._poll:
+            self._last_look = now
+            if self._client_gone():
+                self._phase = _ENDED
+                return b""
+        if self._shutdown.due():
+            logger.warning("stream cut short: the server is shutting down")
+            return self._fail(ServerShuttingDown())
+        if self._turn.cancelled:
+            self._outcome = "cancelled"
+            return self._fail(TurnCancelled())
+        return None
+
+    def _chunk(self, chunk: ChatChunk, now: float) -> bytes | None:
+        if self._first_token_ms is None:
+            self._first_token_ms = _ms(now - self._began)
+        self._deadline = now + self._timeouts.idle
+        self._chunks += 1
+        if chunk.content:
+            self._pieces.append(chunk.content)
+        if not chunk.done:
+            return self._encode(chunk)
+        self._outcome = "done"
+        self._phase = _ENDED
+        turn = self._turn
+        turn.record("".join(self._pieces), False, chunk.done_reason)
+        turn.count_tokens(chunk.completion_tokens)
+        # The last chunk may carry text too: the encoder writes it with the end.
+        return self._encode(Done(chunk, turn.conversation_id, {
+            "queue_ms": self._queue_ms, "first_token_ms": self._first_token_ms,
+            "total_ms": _ms(time.monotonic() - self._started)}))
+
+    def _fail(self, exc: PiAgentError) -> bytes:
+        self.failure = exc
+        self._phase = _ENDED
+        return self._encode(Failed(exc))
+
+    def _finish(self) -> None:
+        """Close the upstream, then remember and count what a turn cut short relayed."""
+        outcome = self._outcome
+        if self._generation is not None:
+            self._generation.stop(graceful=outcome == "done")
+        if outcome in ("disconnected", "cancelled"):
+            self._turn.record("".join(self._pieces), True, "")
+        if outcome != "done":
+            # A turn cut short was generated all the same: it counts as what it relayed.
+            self._turn.count_tokens(self._chunks)
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)

@@ -1,0 +1,117 @@
+"""Per-key limits: requests per minute (a token bucket) and completion tokens per UTC day."""
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from ..errors import RateLimited
+from .keys import ApiKey
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What a key has left, for the X-RateLimit-* headers."""
+
+    limit: int
+    remaining: int
+    reset_seconds: int  # until the bucket is full again (requests) or the day ends (tokens)
+
+
+class _Bucket:
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+
+class Limits:
+    """The limits of every key, in this process. A key's bucket holds ``rpm`` requests and
+    refills at ``rpm`` a minute, so a burst of ``rpm`` is allowed, then one every 60/rpm s."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 today: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        self._clock = clock
+        self._today = today
+        self._lock = threading.Lock()
+        self._buckets: dict[str, _Bucket] = {}
+        self._tokens: dict[str, tuple[str, int]] = {}  # key id -> (UTC date, tokens used)
+
+    def admit(
+        self, key: ApiKey, spends_tokens: bool = True
+    ) -> tuple[Standing | None, Standing | None]:
+        """Count one request against the key; return its request and token standings.
+
+        A request that ``spends_tokens`` is refused once the day's tokens are used up;
+        others (reading a list, deleting a conversation) only count as requests.
+
+        :raise RateLimited: 429 with Retry-After when a limit is used up.
+        """
+        with self._lock:
+            tokens = self._token_standing(key)
+            if spends_tokens and tokens is not None and tokens.remaining <= 0:
+                raise RateLimited(max(1, tokens.reset_seconds),
+                                  "this API key used its completion tokens for today")
+            requests = None
+            if key.rpm is not None:
+                bucket = self._refill(key)
+                if bucket.tokens < 1:
+                    wait = math.ceil((1 - bucket.tokens) * 60 / key.rpm)
+                    raise RateLimited(max(1, wait),
+                                      f"this API key may send {key.rpm} requests a minute")
+                bucket.tokens -= 1
+                requests = self._request_standing(key, bucket)
+            return requests, tokens
+
+    def standing(self, key: ApiKey) -> tuple[Standing | None, Standing | None]:
+        """The standings without counting a request (for a response refused with 429)."""
+        with self._lock:
+            requests = None
+            if key.rpm is not None:
+                requests = self._request_standing(key, self._refill(key))
+            return requests, self._token_standing(key)
+
+    def meter(self, key: ApiKey) -> Callable[[int], None]:
+        """What a turn calls with its completion tokens once it knows them."""
+        return functools.partial(self.add_tokens, key)
+
+    def add_tokens(self, key: ApiKey, count: int) -> None:
+        """Count a turn's completion tokens against the key's day."""
+        if key.tokens_per_day is None or count <= 0:
+            return
+        with self._lock:
+            day = self._today().date().isoformat()
+            used_day, used = self._tokens.get(key.id, (day, 0))
+            self._tokens[key.id] = (day, (used if used_day == day else 0) + count)
+
+    def _refill(self, key: ApiKey) -> _Bucket:
+        assert key.rpm is not None
+        now = self._clock()
+        bucket = self._buckets.get(key.id)
+        if bucket is None:
+            bucket = self._buckets[key.id] = _Bucket(float(key.rpm), now)
+        bucket.tokens = min(float(key.rpm), bucket.tokens + (now - bucket.stamp) * key.rpm / 60)
+        bucket.stamp = now
+        return bucket
+
+    def _request_standing(self, key: ApiKey, bucket: _Bucket) -> Standing:
+        assert key.rpm is not None
+        missing = key.rpm - bucket.tokens
+        return Standing(key.rpm, math.floor(bucket.tokens), math.ceil(missing * 60 / key.rpm))
+
+    def _token_standing(self, key: ApiKey) -> Standing | None:
+        if key.tokens_per_day is None:
+            return None
+        now = self._today()
+        day = now.date().isoformat()
+        used_day, used = self._tokens.get(key.id, (day, 0))
+        used = used if used_day == day else 0
+        midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(),
+                                    tzinfo=timezone.utc)
+        return Standing(key.tokens_per_day, max(0, key.tokens_per_day - used),
+                        math.ceil((midnight - now).total_seconds()))

@@ -1,0 +1,2 @@
+"""The project's own API: ``/health``, ``/ready``, ``/agents``, ``/chat`` and its event
+streams, ``/conversations``."""

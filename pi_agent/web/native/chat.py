@@ -1,0 +1,133 @@
+"""``POST /chat`` and ``POST /chat/stream``: one turn of a conversation, answered whole (JSON),
+as plain text, or as an event stream; and its cancel."""
+from __future__ import annotations
+
+import uuid
+
+from flask import Blueprint, Response, g, jsonify, request
+
+from ...core.conversation import CONVERSATION_ID, build_call
+from ...core.events import Encoder
+from ...core.turn import Prompt, Turn
+from ...errors import (
+    ConversationNotFound,
+    FieldProblem,
+    TurnNotRunning,
+    ValidationFailed,
+)
+from ...state import current_state
+from ..auth import allow_agent, allow_model, current_key, require_conversation
+from ..bodies import stream_response
+from ..client_socket import client_of
+from ..validation import parse_body
+from .agents import find_agent
+from .events import NDJSON, SSE, TEXT, EventFormat
+from .schemas import Cancelled, ChatReply, ChatRequest, Usage
+
+bp = Blueprint("chat", __name__)
+
+
+@bp.post("/chat")
+def chat() -> Response:
+    """Answer one message. ``"stream": true`` streams the reply: as UTF-8 text, or as events
+    when the client accepts ``text/event-stream`` (SSE) or ``application/x-ndjson``.
+
+    Everything that can fail with a status (validation, the agent, admission and, for plain
+    text, the upstream's first answer) happens before the stream starts.
+    """
+    return _answer(events_only=False)
+
+
+@bp.post("/chat/stream")
+def chat_stream() -> Response:
+    """Answer one message as an event stream: SSE, or NDJSON if that is what is accepted."""
+    return _answer(events_only=True)
+
+
+@bp.post("/chat/<conversation_id>/cancel")
+def cancel(conversation_id: str) -> Response:
+    """Stop the turn running in a conversation; it ends with ``cancelled``.
+
+    :raise 404: no turn of that conversation is queued or running.
+    """
+    if not CONVERSATION_ID.fullmatch(conversation_id):
+        raise TurnNotRunning()
+    try:
+        require_conversation(conversation_id, manage=True)
+    except ConversationNotFound:
+        raise TurnNotRunning() from None  # another key's turn is not there for this one
+    if not current_state().running.cancel(conversation_id):
+        raise TurnNotRunning()
+    g.conversation_id = conversation_id
+    return jsonify(Cancelled(conversation_id=conversation_id, status="cancelling").model_dump())
+
+
+def _answer(events_only: bool) -> Response:
+    body = parse_body(ChatRequest)
+    state = current_state()
+    settings = state.settings
+    if len(body.message) > settings.max_message_chars:
+        raise ValidationFailed([FieldProblem(
+            field="message", problem=f"must be at most {settings.max_message_chars} characters")])
+    if body.conversation_id is not None:
+        require_conversation(body.conversation_id)
+    conversation_id = body.conversation_id or str(uuid.uuid4())
+    g.conversation_id = conversation_id
+    agent = find_agent(body.agent)
+    allow_agent(agent.name)
+    allow_model(agent.resolve_model(settings))
+    # The history goes in after the agent's system prompt, once the turn has its slot.
+    prompt = Prompt(build_call(agent, settings, body.message), history_at=1)
+    turn = state.turns.open(conversation_id, current_key(), client_of(request.environ),
+                            prompt, remember=body.message, agent=agent.name)
+    encoder = _event_format(events_only or body.stream, default_sse=events_only)
+    if encoder is not None:
+        return stream_response(turn.stream(encoder), turn.release, encoder.content_type)
+    if body.stream:
+        return _text(turn, TEXT)
+    try:
+        result = turn.collect()
+    finally:
+        turn.release()
+    reply = ChatReply(
+        reply=result.content,
+        conversation_id=conversation_id,
+        agent=agent.name,
+        model=turn.model,
+        provider=state.provider.name,
+        done_reason=result.done_reason,
+        usage=Usage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        ),
+    )
+    return jsonify(reply.model_dump())
+
+
+def _text(turn: Turn, encoder: Encoder) -> Response:
+    """A plain-text stream: it writes nothing while it waits, so what fails before the
+    model's first answer still has its status."""
+    try:
+        turn.start()
+    except BaseException:
+        turn.release()
+        raise
+    return stream_response(turn.relay(encoder), turn.release, encoder.content_type)
+
+
+def _event_format(streaming: bool, default_sse: bool) -> EventFormat | None:
+    """Pick the event format the client asked for with Accept; None means plain text."""
+    if not streaming:
+        return None
+    # Media types compare without case and without parameters ("; charset=utf-8").
+    quality = {value.split(";")[0].strip().lower(): q for value, q in request.accept_mimetypes}
+    wants_ndjson = quality.get("application/x-ndjson", 0) > 0
+    wants_sse = quality.get("text/event-stream", 0) > 0
+    if wants_ndjson and wants_sse:
+        return SSE if quality["text/event-stream"] >= quality["application/x-ndjson"] else NDJSON
+    if wants_ndjson:
+        return NDJSON
+    if wants_sse or default_sse:
+        return SSE
+    return None

@@ -1,0 +1,131 @@
+"""The request and response bodies of the project's own API, as pydantic models."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    field_validator,
+)
+
+from ...errors import FieldProblem
+
+# The hard limit; PI_AGENT_MAX_MESSAGE_CHARS (4000 by default) is checked in the view.
+MAX_MESSAGE_CHARS = 1_000_000
+
+
+ConversationId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
+]
+
+
+AgentName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+]
+
+
+class ChatRequest(BaseModel):
+    """``POST /chat``. Unknown fields are refused so that a typo such as ``strem`` is seen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+    agent: AgentName = "general"
+    stream: StrictBool = False
+    conversation_id: ConversationId | None = None
+
+    @field_validator("message")
+    @classmethod
+    def _encodable(cls, value: str) -> str:
+        # JSON allows lone surrogates ("\ud800"), which cannot be sent on as UTF-8.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+        return value
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatReply(BaseModel):
+    """The answer of a non-stream ``POST /chat``."""
+
+    reply: str
+    conversation_id: str
+    agent: str
+    model: str
+    provider: str
+    done_reason: str
+    usage: Usage
+
+
+class Cancelled(BaseModel):
+    conversation_id: str
+    status: str
+
+
+class ConversationInfo(BaseModel):
+    conversation_id: str
+    turns: int
+    owner: str | None = None  # the key id, shown to admin keys only
+
+
+class ConversationList(BaseModel):
+    conversations: list[ConversationInfo]
+
+
+class TurnInfo(BaseModel):
+    user: str
+    assistant: str
+    partial: bool
+    done_reason: str
+
+
+class ConversationTurns(BaseModel):
+    conversation_id: str
+    turns: list[TurnInfo]
+
+
+class Forgotten(BaseModel):
+    conversation_id: str
+    status: str
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class Readiness(BaseModel):
+    status: str
+    model: str
+    reason: str | None = None
+
+
+class AgentList(BaseModel):
+    agents: list[str]
+
+
+class AgentInfo(BaseModel):
+    name: str
+    description: str
+    model: str
+    options: dict[str, Any]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    fields: list[FieldProblem] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,1 @@
+"""The Ollama-compatible front under ``/api`` (and ``/``): a relay of Ollama's own bytes."""

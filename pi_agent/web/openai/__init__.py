@@ -1,0 +1,1 @@
+"""The OpenAI-compatible front under ``/v1``."""
