@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from flask import Response
 
@@ -32,16 +32,17 @@ class StreamBody:
             self._cleanup()
 
 
+# Not cached, and not buffered by a proxy in front (nginx reads X-Accel-Buffering).
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 def stream_response(chunks: Iterable[bytes], cleanup: Callable[[], None], content_type: str,
-                    status: int = 200, headers: dict[str, str] | None = None,
+                    status: int = 200, headers: Mapping[str, str] = STREAM_HEADERS,
                     head: bytes = b"") -> Response:
-    """A streamed response whose ``cleanup`` runs once, when the WSGI server closes it.
+    """A streamed response whose ``cleanup`` runs when the WSGI server closes it.
 
     The bytes go to the WSGI server as they are, without werkzeug's two wrappers around
-    every token (``direct_passthrough``), and without buffering by a proxy in front.
+    every token (``direct_passthrough``).
     """
-    return Response(
-        StreamBody(chunks, cleanup, head), status=status, content_type=content_type,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
-        direct_passthrough=True,
-    )
+    return Response(StreamBody(chunks, cleanup, head), status=status,
+                    content_type=content_type, headers=dict(headers), direct_passthrough=True)

@@ -163,7 +163,8 @@ def generate() -> Response:
     if streamed:
         # The body gives the slot back when it is closed, after the upstream (see _relay_lines).
         return stream_response(_relay_lines(upstream, turn), turn.release,
-                               upstream.content_type, status=upstream.status)
+                               upstream.content_type, status=upstream.status,
+                               headers={"X-Accel-Buffering": "no"})
     try:
         status, whole = turn.run(lambda abort: gather_whole(
             upstream, watch, turn.count_tokens, generate=request.path == "/api/generate"))
