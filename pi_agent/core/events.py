@@ -11,6 +11,7 @@ no method for, so no other front changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ..errors import PiAgentError
@@ -78,3 +79,16 @@ class Encoder:
     def encode(self, event: Event) -> bytes:
         method = self._methods.get(type(event))
         return method(self, event) if method is not None else b""
+
+    def chunk_writer(self) -> Callable[[ChatChunk], bytes]:
+        """The encoder's own method for the reply's chunks, for the per-token path: one
+        call per token, without the lookup ``encode`` makes."""
+        method = self._methods.get(ChatChunk)
+        if method is None:
+            return _nothing
+        writer: Callable[[ChatChunk], bytes] = method.__get__(self)
+        return writer
+
+
+def _nothing(chunk: ChatChunk) -> bytes:
+    return b""

@@ -92,6 +92,7 @@ class EventRelay:
                  shutdown: Shutdown) -> None:
         self._turn = turn
         self._encode = encoder.encode
+        self._write_chunk = encoder.chunk_writer()
         self._timeouts = timeouts
         self._admission = admission
         self._provider = provider
@@ -247,7 +248,7 @@ class EventRelay:
         if chunk.content:
             self._pieces.append(chunk.content)
         if not chunk.done:
-            return self._encode(chunk)
+            return self._write_chunk(chunk)
         self._outcome = "done"
         self._phase = _ENDED
         turn = self._turn

@@ -250,7 +250,7 @@ class Turn:
         the watch stopped: the answer so far is remembered as partial."""
         assert self._stream is not None and self.watch is not None, "start() first"
         watch, stream = self.watch, self._stream
-        encode = encoder.encode
+        encode, write_chunk = encoder.encode, encoder.chunk_writer()
         pieces: list[str] = []
         chunks = 0
         last: ChatChunk | None = None
@@ -262,7 +262,8 @@ class Turn:
                 last = chunk
                 if chunk.content:
                     pieces.append(chunk.content)
-                data = encode(Done(chunk, self.conversation_id, {}) if chunk.done else chunk)
+                data = encode(Done(chunk, self.conversation_id, {})) if chunk.done \
+                    else write_chunk(chunk)
                 if data:
                     watch.last_write = now
                     # A client that reads slowly holds the write up; that is not Ollama idling.
