@@ -4,6 +4,7 @@ master, which imports ``pi_agent.config``, loads neither Flask nor requests (bot
 before gevent could patch it)."""
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -15,7 +16,8 @@ from flask_cors import CORS
 
 from .config import ConfigError, Settings, load_settings, setting_keys
 from .core.admission import Admission
-from .core.agents import index_agents
+from .core.agent_file import AgentsFileError, load_agents
+from .core.agents import AgentBook
 from .core.lifecycle import Shutdown
 from .core.readiness import ReadinessCheck
 from .core.running import RunningTurns
@@ -98,7 +100,7 @@ def build_state(settings: Settings) -> AppState:
         settings=settings,
         provider=provider,
         memory=memory,
-        agents=index_agents(),
+        agents=_agents(settings.agents_file),
         readiness=ReadinessCheck(
             provider, settings.model, settings.ollama_url, settings.ready_cache_seconds
         ),
@@ -110,6 +112,17 @@ def build_state(settings: Settings) -> AppState:
         limits=limits,
         turns=Turns(settings, provider, admission, running, watchdog, shutdown, memory, limits),
     )
+
+
+def _agents(path: str) -> AgentBook:
+    """The agents of the agents file (read again when it changes), or the built-in ones.
+
+    :raise ConfigError: the file cannot be used; one line names it and the problem.
+    """
+    try:
+        return AgentBook(functools.partial(load_agents, path), path or None)
+    except AgentsFileError as exc:
+        raise ConfigError(f"invalid setting PI_AGENT_AGENTS_FILE: {exc}") from None
 
 
 def _allow_origins(app: Flask, allowed: tuple[str, ...]) -> None:

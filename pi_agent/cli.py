@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import ConfigError, load_settings
-from .core.agents import AGENTS
+from .core.agent_file import AgentsFileError, load_agents
 from .security.keys import (
     ApiKey,
     KeyFileError,
@@ -64,10 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _create(path: str, current: list[ApiKey], args: argparse.Namespace) -> int:
     agents = _names(args.agents)
-    unknown = sorted(set(agents or ()) - {agent.name for agent in AGENTS})
+    try:
+        known = list(load_agents(load_settings().agents_file))
+    except (ConfigError, AgentsFileError) as exc:
+        return _fail(str(exc))
+    unknown = sorted(set(agents or ()) - set(known))
     if unknown:
-        return _fail(f"unknown agent {', '.join(unknown)}: the agents are "
-                     f"{', '.join(a.name for a in AGENTS)}")
+        return _fail(f"unknown agent {', '.join(unknown)}: the agents are {', '.join(known)}")
     for flag, value in (("--rpm", args.rpm), ("--tokens-per-day", args.tokens_per_day)):
         if value is not None and value < 1:
             return _fail(f"{flag} must be 1 or more")

@@ -174,6 +174,8 @@ class Settings:
     keys_file: str = _setting("", _path)
     auth: str = _setting("on", _choice("on", "off"))
     cors_origins: tuple[str, ...] = _setting((), _origins)
+    # The agents (see core/agent_file.py); empty: the built-in ones.
+    agents_file: str = _setting("", _path)
     # Bounds on what a request may ask, checked before any call to Ollama.
     max_message_chars: int = _setting(4000, _integer(1, 1_000_000))
     max_messages: int = _setting(64, _integer(1, 10_000))

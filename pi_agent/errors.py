@@ -110,6 +110,18 @@ class AgentNotFound(PiAgentError):
         super().__init__(f"unknown agent {name!r}: GET /agents lists the agents")
 
 
+class AgentNotRunnable(PiAgentError):
+    """The agent uses what this version does not run yet (tools run by the server, a
+    router, knowledge): its file is valid, but a turn with it cannot be answered."""
+
+    code = 501
+    error_code = "not_implemented"
+
+    def __init__(self, name: str, what: str) -> None:
+        super().__init__(f"agent {name!r} uses {what}, which this version of the server "
+                         "does not run yet; see docs/agents.md")
+
+
 class Unauthenticated(PiAgentError):
     """No key, or not a valid one. Which of the two is not said: that would help a guesser."""
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from gunicorn.workers.base_async import AsyncWorker  # type: ignore[import-untyped]
 
+from .config import ConfigError
+
 
 class GeventWorker(AsyncWorker):  # type: ignore[misc]  # gunicorn has no type hints
     """``gunicorn.workers.ggevent.GeventWorker``, once forked (``worker_class`` in
@@ -25,9 +27,27 @@ class GeventWorker(AsyncWorker):  # type: ignore[misc]  # gunicorn has no type h
         # The first thing gunicorn calls in the forked process; it never returns.
         from gunicorn.workers.ggevent import GeventWorker as Real  # type: ignore[import-untyped]
 
-        self.__class__ = Real
+        self.__class__ = _reporting_config_errors(Real)
         quiet_descriptor_errors(self.log)
         Real.init_process(self)
+
+
+def _reporting_config_errors(real: type) -> type:
+    """``real``, with a configuration the app refuses (an agents file it cannot use, a key
+    file gone bad since the master checked it) told in one line, as gunicorn tells an app
+    that cannot be imported, and gunicorn stopping with a non-zero exit, not a traceback
+    and a worker restarted in a loop."""
+    from gunicorn.errors import AppImportError  # type: ignore[import-untyped]
+
+    class Worker(real):  # type: ignore[misc]
+        def load_wsgi(self) -> None:
+            try:
+                super().load_wsgi()
+            except ConfigError as exc:
+                raise AppImportError(f"pi-agent: {exc}") from None
+
+    Worker.__name__ = Worker.__qualname__ = real.__name__
+    return Worker
 
 
 def guard_body(req: Any, limit: int) -> None:

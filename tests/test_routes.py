@@ -21,7 +21,7 @@ def test_health_never_calls_ollama(make_app: Callable[..., Flask]) -> None:
 
 
 def test_list_agents(client: FlaskClient) -> None:
-    assert client.get("/agents").get_json() == {"agents": ["general", "coder"]}
+    assert client.get("/agents").get_json() == {"agents": ["general", "coder", "poet"]}
 
 
 def test_show_agent(client: FlaskClient) -> None:

@@ -26,7 +26,11 @@ CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 def build_call(agent: Agent, settings: Settings, message: str) -> ChatCall:
     """Build the upstream request: the agent's system prompt, then the new message; the
-    turn puts the remembered turns between the two (``Prompt(history_at=1)``)."""
+    turn puts the remembered turns between the two (``Prompt(history_at=1)``).
+
+    :raise AgentNotRunnable: 501 for an agent this version does not run yet.
+    """
+    agent.check_runnable()
     messages = [{"role": "system", "content": agent.system_prompt},
                 {"role": "user", "content": message}]
     return ChatCall(
@@ -34,4 +38,5 @@ def build_call(agent: Agent, settings: Settings, message: str) -> ChatCall:
         messages=messages,
         options=agent.resolve_options(settings),
         keep_alive=settings.keep_alive,
+        think=agent.think,
     )

@@ -39,7 +39,10 @@ def show_agent(name: str) -> Response:
     info = AgentInfo(
         name=agent.name,
         description=agent.description,
+        kind=agent.kind,
         model=agent.resolve_model(settings),
         options=agent.resolve_options(settings),
+        tools=[tool.name for tool in agent.tools],
+        knowledge=list(agent.knowledge.paths) if agent.knowledge else None,
     )
     return jsonify(info.model_dump())

@@ -117,8 +117,11 @@ class AgentList(BaseModel):
 class AgentInfo(BaseModel):
     name: str
     description: str
+    kind: str  # "chat" or "router"
     model: str
     options: dict[str, Any]
+    tools: list[str]  # the names the model sees
+    knowledge: list[str] | None  # the paths of its documents
 
 
 class ErrorDetail(BaseModel):

@@ -51,6 +51,7 @@ def build_prompt(
         agent = agents.get(model[len(AGENT_PREFIX):])
         if agent is None:
             raise UnknownModel(model)
+        agent.check_runnable()
         model = agent.resolve_model(settings)
     options = agent.resolve_options(settings) if agent else base_options(settings)
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
@@ -79,7 +80,8 @@ def build_prompt(
         response_format = "json"
     elif isinstance(body.response_format, JSONSchemaFormat):
         response_format = body.response_format.json_schema.schema_
-    think = THINK_LEVELS[body.reasoning_effort] if body.reasoning_effort else None
+    think = THINK_LEVELS[body.reasoning_effort] if body.reasoning_effort else (
+        agent.think if agent is not None else None)
     call = ChatCall(model=model, messages=messages, options=options,
                     keep_alive=settings.keep_alive, tools=tools, format=response_format,
                     think=think)
