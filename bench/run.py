@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import memory_fill, procstat
+from . import knowledge_search, memory_fill, procstat
 from .loadgen import Load, Result, Target, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -654,6 +654,8 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{harness}."]
     if report.get("memory_fill"):
         lines += memory_fill.markdown(report["memory_fill"])
+    if report.get("knowledge_search"):
+        lines += knowledge_search.markdown(report["knowledge_search"])
     return "\n".join(lines) + "\n"
 
 
@@ -673,7 +675,7 @@ def main() -> None:
                              "older commit), in the same run")
     args = parser.parse_args()
     scenarios = [s for s in SCENARIOS if args.only in s.name]
-    if not scenarios and args.only not in "memory":
+    if not scenarios and args.only not in "memory" and args.only not in "knowledge":
         parser.error(f"no scenario has {args.only!r} in its name")
     args.out.mkdir(parents=True, exist_ok=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -703,6 +705,7 @@ def main() -> None:
                                          memory_fill.QUICK_BUDGET if args.quick else 0)
     finally:
         fake.stop()
+    searched = knowledge_search.measure(args.quick) if args.only in "knowledge" else {}
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -714,11 +717,13 @@ def main() -> None:
         "rows": rows,
         "comparison": compare(rows, list(info)),
         "memory_fill": filled,
+        "knowledge_search": searched,
         "elapsed_s": time.perf_counter() - started,
     }
-    if not rows:  # --only memory
-        (args.out / "memory-fill.json").write_text(json.dumps(report, indent=2))
-        print("\n".join(memory_fill.markdown(filled)))
+    if not rows:  # --only memory, --only knowledge
+        (args.out / "extras.json").write_text(json.dumps(report, indent=2))
+        print("\n".join((memory_fill.markdown(filled) if filled else [])
+                        + (knowledge_search.markdown(searched) if searched else [])))
         return
     report["goals"] = check_goals(report)
     (args.out / "latest.json").write_text(json.dumps(report, indent=2))

@@ -18,6 +18,7 @@ from .config import ConfigError, Settings, load_settings, setting_keys
 from .core.admission import Admission
 from .core.agent_file import AgentsFileError, load_agents
 from .core.agents import AgentBook
+from .core.knowledge import Library
 from .core.lifecycle import Shutdown
 from .core.readiness import ReadinessCheck
 from .core.running import RunningTurns
@@ -111,6 +112,7 @@ def build_state(settings: Settings) -> AppState:
         keys=keys,
         limits=limits,
         turns=Turns(settings, provider, admission, running, watchdog, shutdown, memory, limits),
+        knowledge=Library(settings.state_dir),
     )
 
 

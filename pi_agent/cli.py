@@ -1,4 +1,5 @@
-"""The command line: ``python -m pi_agent keys create|list|revoke``.
+"""The command line: ``python -m pi_agent keys create|list|revoke`` and
+``python -m pi_agent knowledge reindex [AGENT]``.
 
 A running server reads the key file again within a second of a change: no restart.
 """
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 
 from .config import ConfigError, load_settings
 from .core.agent_file import AgentsFileError, load_agents
+from .core.knowledge import Library
 from .security.keys import (
     ApiKey,
     KeyFileError,
@@ -25,8 +27,14 @@ from .security.keys import (
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pi_agent",
-                                     description="Manage Pi Agent Server's API keys.")
+                                     description="Manage Pi Agent Server's API keys and "
+                                     "knowledge indexes.")
     commands = parser.add_subparsers(dest="command", required=True)
+    knowledge = commands.add_parser("knowledge", help="the agents' document indexes")
+    knowledge_actions = knowledge.add_subparsers(dest="action", required=True)
+    reindex = knowledge_actions.add_parser("reindex", help="index an agent's documents again")
+    reindex.add_argument("agent", nargs="?", help="one agent (default: every agent with "
+                         "knowledge)")
     keys = commands.add_parser("keys", help="create, list or revoke API keys")
     keys.add_argument("--file", help="the key file (default: $PI_AGENT_KEYS_FILE)")
     actions = keys.add_subparsers(dest="action", required=True)
@@ -43,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     revoke = actions.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("id")
     args = parser.parse_args(argv)
+    if args.command == "knowledge":
+        return _reindex(args.agent)
 
     try:
         path = args.file or load_settings().keys_file
@@ -82,6 +92,24 @@ def _create(path: str, current: list[ApiKey], args: argparse.Namespace) -> int:
     print(f"created {key.id} ({key.name}) in {path}: {_describe(key)}")
     print("The key is shown this once; keep it. The server holds only its hash.")
     print(secret)
+    return 0
+
+
+def _reindex(only: str | None) -> int:
+    try:
+        settings = load_settings()
+        agents = load_agents(settings.agents_file)
+    except (ConfigError, AgentsFileError) as exc:
+        return _fail(str(exc))
+    chosen = [agent for agent in agents.values()
+              if agent.knowledge is not None and only in (None, agent.name)]
+    if not chosen:
+        return _fail(f"no agent {'called ' + only + ' ' if only else ''}has knowledge")
+    library = Library(settings.state_dir)
+    for agent in chosen:
+        assert agent.knowledge is not None
+        count = library.index(agent.name, agent.knowledge).reindex()
+        print(f"{agent.name}: {count} passages from {', '.join(agent.knowledge.paths)}")
     return 0
 
 

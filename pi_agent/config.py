@@ -176,6 +176,8 @@ class Settings:
     cors_origins: tuple[str, ...] = _setting((), _origins)
     # The agents (see core/agent_file.py); empty: the built-in ones.
     agents_file: str = _setting("", _path)
+    # What the server keeps on disk (knowledge indexes); empty: see default_state_dir.
+    state_dir: str = _setting("", _path)
     # Bounds on what a request may ask, checked before any call to Ollama.
     max_message_chars: int = _setting(4000, _integer(1, 1_000_000))
     max_messages: int = _setting(64, _integer(1, 10_000))
@@ -206,7 +208,16 @@ def load_settings(
             values[setting.name] = setting.metadata["parse"](raw)
         except ValueError as exc:
             raise ConfigError(f"invalid setting {where}={raw!r}: {exc}") from None
+    if not values.get("state_dir"):
+        values["state_dir"] = default_state_dir(env)
     return Settings(**values)
+
+
+def default_state_dir(env: Mapping[str, str]) -> str:
+    """Where the server keeps its files without PI_AGENT_STATE_DIR: pi-agent in the user's
+    state folder ($XDG_STATE_HOME, else ~/.local/state), created when first needed."""
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "pi-agent")
 
 
 def _find(

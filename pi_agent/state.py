@@ -9,6 +9,7 @@ from flask import Flask, current_app
 from .config import Settings
 from .core.admission import Admission
 from .core.agents import Agent
+from .core.knowledge import Library
 from .core.lifecycle import Shutdown
 from .core.readiness import ReadinessCheck
 from .core.running import RunningTurns
@@ -40,6 +41,7 @@ class AppState:
     keys: KeyRing | None  # None: no key file, local mode
     limits: Limits
     turns: Turns  # opens each request's turn, with the parts above that a turn uses
+    knowledge: Library  # the agents' document indexes
 
 
 def current_state() -> AppState:

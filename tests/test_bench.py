@@ -43,3 +43,7 @@ def test_quick_benchmark_runs_clean(tmp_path: Path) -> None:
         assert row["errors"] == 0, row
         assert 0.9 * row["budget_mib"] <= row["kept_mib"] <= row["budget_mib"], row
         assert row["full_rss_mib"] > 0
+    # The knowledge search ran over its 1,000 passages and found sources for its questions.
+    searched = report["knowledge_search"]
+    assert searched["passages"] == 1000 and searched["queries"] > 0
+    assert 0 < searched["sources_per_query"] <= 4 and searched["query_p95_ms"] > 0

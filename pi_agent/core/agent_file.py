@@ -113,7 +113,8 @@ def load_agents(path: str = "") -> dict[str, Agent]:
     except ValidationError as exc:
         raise AgentsFileError(f"{where}: {_first_problem(exc)}") from None
     try:
-        return {name: _agent(name, entry, parsed.defaults) for name, entry in
+        base = str(Path(path).resolve().parent) if path else "."
+        return {name: _agent(name, entry, parsed.defaults, base) for name, entry in
                 parsed.agents.items()}
     except ToolSpecError as exc:
         raise AgentsFileError(f"{where}: {exc}") from None
@@ -127,11 +128,11 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{where}: {problem}" if where else problem
 
 
-def _agent(name: str, entry: AgentEntry, defaults: Defaults) -> Agent:
+def _agent(name: str, entry: AgentEntry, defaults: Defaults, base: str) -> Agent:
     knowledge = None
     if entry.knowledge is not None:
         k = entry.knowledge
-        knowledge = Knowledge(tuple(k.paths), k.top_k, k.max_chars)
+        knowledge = Knowledge(tuple(k.paths), k.top_k, k.max_chars, base)
     try:
         tools = resolve_tools(entry.tools)
     except ToolSpecError as exc:

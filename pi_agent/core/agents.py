@@ -30,6 +30,7 @@ class Knowledge:
     paths: tuple[str, ...]
     top_k: int = 4
     max_chars: int = 2400
+    base: str = "."  # the folder the paths are relative to: the agents file's
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ class Agent:
         return options
 
     def check_runnable(self) -> None:
-        """:raise AgentNotRunnable: 501 for an agent with tools, knowledge or routes, which
-        this version reads and shows but does not run yet."""
-        uses = [what for what, used in (("tools", self.tools), ("knowledge", self.knowledge),
+        """:raise AgentNotRunnable: 501 for an agent with tools or routes, which this
+        version reads and shows but does not run yet."""
+        uses = [what for what, used in (("tools", self.tools),
                                         ("routes", self.kind == "router")) if used]
         if uses:
             raise AgentNotRunnable(self.name, " and ".join(uses))

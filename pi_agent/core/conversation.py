@@ -9,6 +9,7 @@ from ..config import Settings
 from ..memory import Turn
 from ..providers.base import ChatCall
 from .agents import Agent
+from .knowledge import Source, with_sources
 
 
 def remembered_messages(history: list[Turn]) -> list[dict[str, Any]]:
@@ -24,14 +25,18 @@ def remembered_messages(history: list[Turn]) -> list[dict[str, Any]]:
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
-def build_call(agent: Agent, settings: Settings, message: str) -> ChatCall:
-    """Build the upstream request: the agent's system prompt, then the new message; the
-    turn puts the remembered turns between the two (``Prompt(history_at=1)``).
+def build_call(agent: Agent, settings: Settings, message: str,
+               sources: tuple[Source, ...] | None = None) -> ChatCall:
+    """Build the upstream request: the agent's system prompt (with the ``sources`` found in
+    its documents, numbered), then the new message; the turn puts the remembered turns
+    between the two (``Prompt(history_at=1)``).
 
     :raise AgentNotRunnable: 501 for an agent this version does not run yet.
     """
     agent.check_runnable()
-    messages = [{"role": "system", "content": agent.system_prompt},
+    system = agent.system_prompt if sources is None else with_sources(agent.system_prompt,
+                                                                      sources)
+    messages = [{"role": "system", "content": system},
                 {"role": "user", "content": message}]
     return ChatCall(
         model=agent.resolve_model(settings),

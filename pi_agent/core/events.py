@@ -1,21 +1,23 @@
 """What a turn tells its client, as one sequence of typed events, and the encoders that
 write it in each front's format.
 
-A turn yields ``Started``, then ``Queued`` while it waits for a slot, then the reply's
-chunks (``ChatChunk``, as the provider gives them: text, thinking or tool calls), then
-exactly one ``Done`` or ``Failed``; ``Heartbeat`` whenever nothing else was said for a
-while. The events issue #15 adds (a route taken, sources, tool calls) are new classes here
-and a method on the encoders that show them: an encoder shows nothing of an event it has
-no method for, so no other front changes.
+A turn yields ``Started``, then ``Queued`` while it waits for a slot, ``Sourced`` for an
+agent with knowledge, then the reply's chunks (``ChatChunk``, as the provider gives them:
+text, thinking or tool calls), then exactly one ``Done`` or ``Failed``; ``Heartbeat``
+whenever nothing else was said for a while. The events still to come with issue #15 (a
+route taken, tool calls and their results) are new classes here and a method on the
+encoders that show them: an encoder shows nothing of an event it has no method for, so no
+other front changes (``Sourced`` came that way: only the native event stream shows it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import PiAgentError
 from ..providers.base import ChatChunk
+from .knowledge import Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,14 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class Sourced:
+    """The passages of the agent's documents given to the model, numbered as cited; sent
+    once, before the first token, for an agent with knowledge (empty: none matched)."""
+
+    sources: tuple[Source, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The reply ended. ``chunk`` is its last chunk (it may carry text too), with the
     counts; ``timings`` are milliseconds: queue_ms, first_token_ms, total_ms."""
@@ -57,7 +67,7 @@ class Failed:
 
 
 # A chunk of the reply is the provider's ChatChunk itself: none is copied per token.
-Event = Started | Queued | Heartbeat | ChatChunk | Done | Failed
+Event = Started | Queued | Heartbeat | Sourced | ChatChunk | Done | Failed
 
 HEARTBEAT = Heartbeat()
 
@@ -71,8 +81,8 @@ class Encoder:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        names = {Started: "start", Queued: "queued", Heartbeat: "ping", ChatChunk: "chunk",
-                 Done: "done", Failed: "error"}
+        names = {Started: "start", Queued: "queued", Heartbeat: "ping", Sourced: "sources",
+                 ChatChunk: "chunk", Done: "done", Failed: "error"}
         cls._methods = {kind: getattr(cls, name) for kind, name in names.items()
                         if hasattr(cls, name)}
 

@@ -26,8 +26,9 @@ from ..errors import (
 )
 from ..providers.base import Abort, ChatCall, ChatChunk, Provider
 from .admission import Admission, Ticket
-from .events import HEARTBEAT, Done, Encoder, Failed, Queued, Started
+from .events import HEARTBEAT, Done, Encoder, Failed, Queued, Sourced, Started
 from .generation import Generation
+from .knowledge import Source
 from .lifecycle import Shutdown
 from .watch import Watchdog, WriteWatch
 
@@ -56,6 +57,7 @@ class RelayedTurn(Protocol):
 
     conversation_id: str
     agent: str
+    sources: tuple[Source, ...] | None
     ticket: Ticket
     abort: Abort
     count_tokens: Callable[[int], None]
@@ -154,6 +156,8 @@ class EventRelay:
             self._phase = _WAITING
             self._position = self._admission.position(turn.ticket)
             data = self._encode(Started(turn.conversation_id, turn.agent, turn.model))
+            if turn.sources is not None:
+                data += self._encode(Sourced(turn.sources))
             if self._position and not turn.cancelled:
                 data += self._encode(Queued(self._position))
             return data

@@ -45,6 +45,7 @@ from .admission import Admission
 from .context import trim_history
 from .conversation import remembered_messages
 from .events import Done, Encoder, Failed
+from .knowledge import Source
 from .lifecycle import Shutdown
 from .relay import EventRelay, Timeouts
 from .running import RunningTurns
@@ -116,26 +117,29 @@ class Turns:
 
     def open(self, conversation_id: str, key: ApiKey, client: Client,
              prompt: Prompt | None = None, remember: str | None = None,
-             agent: str = "") -> Turn:
+             agent: str = "", sources: tuple[Source, ...] | None = None) -> Turn:
         """Take a place for one turn: a slot, or a place in the queue.
 
         ``remember`` is the user's message that the answer is remembered with, in the
         conversation's memory; None for a turn that neither reads nor keeps any.
+        ``sources`` are the passages found for an agent with knowledge (None: it has none).
 
         :raise ConversationBusy: 409 if the conversation has a turn queued or running.
         :raise QueueFull: 429 if every slot is taken and the queue is full.
         """
-        return Turn(self, conversation_id, key, client, prompt, remember, agent)
+        return Turn(self, conversation_id, key, client, prompt, remember, agent, sources)
 
 
 class Turn:
     """One turn, from its place in the queue to its release; see the module's docstring."""
 
     def __init__(self, turns: Turns, conversation_id: str, key: ApiKey, client: Client,
-                 prompt: Prompt | None, remember: str | None, agent: str) -> None:
+                 prompt: Prompt | None, remember: str | None, agent: str,
+                 sources: tuple[Source, ...] | None = None) -> None:
         self._turns = turns
         self.conversation_id = conversation_id
         self.agent = agent
+        self.sources = sources
         self.client = client
         self._prompt = prompt
         self._remember = remember or ""

@@ -21,8 +21,8 @@ from ..bodies import stream_response
 from ..client_socket import client_of
 from ..validation import parse_body
 from .agents import find_agent
-from .events import NDJSON, SSE, TEXT, EventFormat
-from .schemas import Cancelled, ChatReply, ChatRequest, Usage
+from .events import NDJSON, SSE, TEXT, EventFormat, source_info
+from .schemas import Cancelled, ChatReply, ChatRequest, SourceInfo, Usage
 
 bp = Blueprint("chat", __name__)
 
@@ -76,10 +76,11 @@ def _answer(events_only: bool) -> Response:
     agent = find_agent(body.agent)
     allow_agent(agent.name)
     allow_model(agent.resolve_model(settings))
+    sources = state.knowledge.search(agent, body.message) if agent.knowledge else None
     # The history goes in after the agent's system prompt, once the turn has its slot.
-    prompt = Prompt(build_call(agent, settings, body.message), history_at=1)
+    prompt = Prompt(build_call(agent, settings, body.message, sources), history_at=1)
     turn = state.turns.open(conversation_id, current_key(), client_of(request.environ),
-                            prompt, remember=body.message, agent=agent.name)
+                            prompt, remember=body.message, agent=agent.name, sources=sources)
     encoder = _event_format(events_only or body.stream, default_sse=events_only)
     if encoder is not None:
         return stream_response(turn.stream(encoder), turn.release, encoder.content_type)
@@ -101,6 +102,7 @@ def _answer(events_only: bool) -> Response:
             completion_tokens=result.completion_tokens,
             total_tokens=result.prompt_tokens + result.completion_tokens,
         ),
+        sources=[SourceInfo(**source_info(source)) for source in sources or ()],
     )
     return jsonify(reply.model_dump())
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...core.events import Done, Encoder, Failed, Heartbeat, Queued, Started
+from ...core.events import Done, Encoder, Failed, Heartbeat, Queued, Sourced, Started
+from ...core.knowledge import Source
 from ...providers.base import ChatChunk
 
 # A reply cut at num_predict must never pass for a complete one, also in plain text.
@@ -26,6 +27,9 @@ class EventFormat(Encoder):
 
     def queued(self, event: Queued) -> bytes:
         return self.event("queued", {"position": event.position})
+
+    def sources(self, event: Sourced) -> bytes:
+        return self.event("sources", {"sources": [source_info(s) for s in event.sources]})
 
     def chunk(self, chunk: ChatChunk) -> bytes:
         # Thinking chunks carry no content: they are not part of the answer.
@@ -77,3 +81,9 @@ class PlainText(Encoder):
 SSE = EventFormat("text/event-stream; charset=utf-8", sse=True)
 NDJSON = EventFormat("application/x-ndjson", sse=False)
 TEXT = PlainText()
+
+
+def source_info(source: Source) -> dict[str, Any]:
+    """A source as the ``sources`` event and the JSON reply show it."""
+    return {"id": source.id, "title": source.title, "path": source.path,
+            "snippet": source.snippet, "score": source.score}

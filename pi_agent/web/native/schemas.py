@@ -55,6 +55,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class SourceInfo(BaseModel):
+    """A passage cited as [id]: its heading (or file name), its file, its start, its BM25
+    score (higher is better)."""
+
+    id: int
+    title: str
+    path: str
+    snippet: str
+    score: float
+
+
 class ChatReply(BaseModel):
     """The answer of a non-stream ``POST /chat``."""
 
@@ -65,6 +76,8 @@ class ChatReply(BaseModel):
     provider: str
     done_reason: str
     usage: Usage
+    # The passages of the agent's documents given to the model (empty: none, or no knowledge).
+    sources: list[SourceInfo]
 
 
 class Cancelled(BaseModel):

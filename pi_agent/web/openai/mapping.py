@@ -13,6 +13,7 @@ from typing import Any
 from ...config import Settings
 from ...core.agents import Agent, base_options
 from ...core.context import check_fits
+from ...core.knowledge import Library, with_sources
 from ...core.turn import Prompt
 from ...errors import InvalidRequest, UnknownModel
 from ...providers.base import ChatCall
@@ -36,7 +37,8 @@ DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,([A-Za-z0-9+/=\s]+)", 
 
 
 def build_prompt(
-    body: ChatCompletionRequest, settings: Settings, agents: Mapping[str, Agent]
+    body: ChatCompletionRequest, settings: Settings, agents: Mapping[str, Agent],
+    library: Library,
 ) -> Prompt:
     """Map a Chat Completions request onto an Ollama chat call; a conversation's remembered
     turns go in after the agent's system prompt, once the turn has its slot, trimmed to fit
@@ -66,7 +68,12 @@ def build_prompt(
 
     messages: list[dict[str, Any]] = []
     if agent is not None:
-        messages.append({"role": "system", "content": agent.system_prompt})
+        system = agent.system_prompt
+        if agent.knowledge is not None:
+            # The sources are in the prompt; OpenAI's format has no place to show them.
+            found = library.search(agent, last_user_text(body.messages))
+            system = with_sources(system, found)
+        messages.append({"role": "system", "content": system})
     given = to_ollama_messages(body.messages)
     check_fits(messages + given, options["num_ctx"])
     history_at = len(messages)

@@ -75,7 +75,7 @@ def chat_completions() -> Response:
     _check_bounds(body, state.settings)
     _allow(body.model, state)
     conversation_id = _conversation_id()
-    prompt = build_prompt(body, state.settings, state.agents)
+    prompt = build_prompt(body, state.settings, state.agents, state.knowledge)
     # Stateless without the header, as OpenAI's API is; admission keeps one turn per
     # conversation, and a stateless request is its own.
     turn = state.turns.open(
