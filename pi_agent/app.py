@@ -97,11 +97,12 @@ def build_state(settings: Settings) -> AppState:
     provider = PROVIDERS[settings.provider](settings)
     admission = Admission(settings.max_concurrent, settings.max_queue)
     running, watchdog, shutdown, limits = RunningTurns(), Watchdog(), Shutdown(), Limits()
+    agents, library = _agents(settings.agents_file), Library(settings.state_dir)
     return AppState(
         settings=settings,
         provider=provider,
         memory=memory,
-        agents=_agents(settings.agents_file),
+        agents=agents,
         readiness=ReadinessCheck(
             provider, settings.model, settings.ollama_url, settings.ready_cache_seconds
         ),
@@ -111,8 +112,9 @@ def build_state(settings: Settings) -> AppState:
         watchdog=watchdog,
         keys=keys,
         limits=limits,
-        turns=Turns(settings, provider, admission, running, watchdog, shutdown, memory, limits),
-        knowledge=Library(settings.state_dir),
+        turns=Turns(settings, provider, admission, running, watchdog, shutdown, memory, limits,
+                    agents, library),
+        knowledge=library,
     )
 
 

@@ -62,6 +62,8 @@ class FakeOllama:
         self.script = Script()
         # Scripts for particular requests, by the content of their last message.
         self.scripts: dict[str, Script] = {}
+        # The script of a router's classifier call (a format schema with a "route"), if set.
+        self.classifier_script: Script | None = None
         self.requests: deque[dict[str, Any]] = deque(maxlen=10_000)
         self.tokens_sent = 0
         self.connections_accepted = 0
@@ -104,6 +106,7 @@ class FakeOllama:
         """Answer with the default script again and forget what the last test saw."""
         self.script = Script()
         self.scripts.clear()
+        self.classifier_script = None
         with self._lock:
             self.requests.clear()
         self.tokens_sent = 0
@@ -150,6 +153,12 @@ def encode(obj: dict[str, Any]) -> bytes:
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return text.encode() + b"\n"
+
+
+def _classifies(body: dict[str, Any]) -> bool:
+    """Whether a chat request is a router's classifier call: a format schema with "route"."""
+    schema = body.get("format")
+    return isinstance(schema, dict) and "route" in schema.get("properties", {})
 
 
 def _now() -> str:
@@ -233,6 +242,8 @@ class _Handler(BaseHTTPRequestHandler):
         messages = body.get("messages") or [{}]
         prompt = body.get("prompt") if self.generate else messages[-1].get("content")
         script = self.fake.scripts.get(prompt, self.fake.script)
+        if self.fake.classifier_script is not None and _classifies(body):
+            script = self.fake.classifier_script
         if script.drop_before_headers:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)

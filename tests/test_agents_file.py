@@ -114,10 +114,10 @@ def test_a_chat_agent_from_a_file_sends_its_prompt_model_and_think(
     assert "think" not in fake_ollama.chat_requests()[-1]
 
 
-@pytest.mark.parametrize("agent", ["pi", "router"])
-def test_an_agent_this_version_cannot_run_is_refused_without_a_model_call(
-    make_app: Callable[..., Flask], tmp_path: Path, fake_ollama: FakeOllama, agent: str
+def test_an_agent_with_tools_is_refused_without_a_model_call(
+    make_app: Callable[..., Flask], tmp_path: Path, fake_ollama: FakeOllama
 ) -> None:
+    agent = "pi"  # tools are not run yet (routers: see test_router.py)
     client = make_app(AGENTS_FILE=write(tmp_path, GOOD)).test_client()
     before = len(fake_ollama.chat_requests())
     reply = client.post("/chat", json={"message": "hi", "agent": agent})

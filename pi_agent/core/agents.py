@@ -74,11 +74,13 @@ class Agent:
         options["num_predict"] = min(options["num_predict"], settings.num_predict)
         return options
 
-    def check_runnable(self) -> None:
-        """:raise AgentNotRunnable: 501 for an agent with tools or routes, which this
-        version reads and shows but does not run yet."""
+    def check_runnable(self, routes: bool = False) -> None:
+        """:raise AgentNotRunnable: 501 for an agent with tools, which this version reads
+        and shows but does not run yet; and for a router where ``routes`` are not run
+        (``/v1``)."""
         uses = [what for what, used in (("tools", self.tools),
-                                        ("routes", self.kind == "router")) if used]
+                                        ("routes", self.kind == "router" and not routes))
+                if used]
         if uses:
             raise AgentNotRunnable(self.name, " and ".join(uses))
 

@@ -4,10 +4,11 @@ write it in each front's format.
 A turn yields ``Started``, then ``Queued`` while it waits for a slot, ``Sourced`` for an
 agent with knowledge, then the reply's chunks (``ChatChunk``, as the provider gives them:
 text, thinking or tool calls), then exactly one ``Done`` or ``Failed``; ``Heartbeat``
-whenever nothing else was said for a while. The events still to come with issue #15 (a
-route taken, tool calls and their results) are new classes here and a method on the
-encoders that show them: an encoder shows nothing of an event it has no method for, so no
-other front changes (``Sourced`` came that way: only the native event stream shows it).
+whenever nothing else was said for a while; a router's turn says where it went with
+``Routed`` once it has a slot. The events still to come with issue #15 (tool calls and
+their results) are new classes here and a method on the encoders that show them: an
+encoder shows nothing of an event it has no method for, so no other front changes
+(``Routed`` and ``Sourced`` came that way: only the native event stream shows them).
 """
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class Routed:
+    """Where a router sent the message: ``route`` None on fallback, ``agent`` None for a
+    fixed reply; ``by`` is "keyword", "classifier" or "fallback". Sent after ``Started``."""
+
+    route: str | None
+    agent: str | None
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
 class Sourced:
     """The passages of the agent's documents given to the model, numbered as cited; sent
     once, before the first token, for an agent with knowledge (empty: none matched)."""
@@ -67,7 +78,7 @@ class Failed:
 
 
 # A chunk of the reply is the provider's ChatChunk itself: none is copied per token.
-Event = Started | Queued | Heartbeat | Sourced | ChatChunk | Done | Failed
+Event = Started | Queued | Heartbeat | Routed | Sourced | ChatChunk | Done | Failed
 
 HEARTBEAT = Heartbeat()
 
@@ -81,8 +92,8 @@ class Encoder:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        names = {Started: "start", Queued: "queued", Heartbeat: "ping", Sourced: "sources",
-                 ChatChunk: "chunk", Done: "done", Failed: "error"}
+        names = {Started: "start", Queued: "queued", Heartbeat: "ping", Routed: "route",
+                 Sourced: "sources", ChatChunk: "chunk", Done: "done", Failed: "error"}
         cls._methods = {kind: getattr(cls, name) for kind, name in names.items()
                         if hasattr(cls, name)}
 

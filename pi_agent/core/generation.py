@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from typing import Protocol
 
 from ..errors import ProviderError, UpstreamProtocolError
-from ..providers.base import Abort, ChatCall, ChatChunk, ChatStream, Provider
+from ..providers.base import Abort, ChatCall, ChatChunk, ChatStream, ToolCall
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +25,16 @@ END_SECONDS = 1.0
 Item = ChatChunk | ProviderError
 
 
+class Streamer(Protocol):
+    """What streams a reply: the provider, or a router's fixed reply."""
+
+    def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> ChatStream: ...
+
+
 class Generation:
     """A streamed call to the provider, its chunks handed over through a queue."""
 
-    def __init__(self, provider: Provider, call: ChatCall, abort: Abort) -> None:
+    def __init__(self, provider: Streamer, call: ChatCall, abort: Abort) -> None:
         self._provider = provider
         self._call = call
         self.abort = abort  # the turn's: a cancel stops the call at any phase
@@ -81,3 +88,27 @@ class Generation:
                 stream.close()
             self.abort.set_handler(None)
             self._items.put(None)
+
+
+class Gathered:
+    """A reply's chunks, gathered into one."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.thinking: list[str] = []
+        self.tool_calls: list[ToolCall] = []
+        self.last: ChatChunk | None = None
+        self.chunks = 0
+
+    def add(self, chunk: ChatChunk) -> None:
+        self.chunks += 1
+        self.texts.append(chunk.content)
+        self.thinking.append(chunk.thinking)
+        self.tool_calls += chunk.tool_calls or ()
+        self.last = chunk
+
+    def whole(self) -> ChatChunk:
+        last = self.last
+        assert last is not None
+        return ChatChunk("".join(self.texts), "".join(self.thinking), True, last.done_reason,
+                         last.prompt_tokens, last.completion_tokens, self.tool_calls or None)

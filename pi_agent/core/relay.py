@@ -26,10 +26,21 @@ from ..errors import (
 )
 from ..providers.base import Abort, ChatCall, ChatChunk, Provider
 from .admission import Admission, Ticket
-from .events import HEARTBEAT, Done, Encoder, Failed, Queued, Sourced, Started
-from .generation import Generation
+from .events import (
+    HEARTBEAT,
+    Done,
+    Encoder,
+    Event,
+    Failed,
+    Queued,
+    Routed,
+    Sourced,
+    Started,
+)
+from .generation import Generation, Streamer
 from .knowledge import Source
 from .lifecycle import Shutdown
+from .router import Decision, Routing
 from .watch import Watchdog, WriteWatch
 
 logger = logging.getLogger(__name__)
@@ -74,6 +85,16 @@ class RelayedTurn(Protocol):
     @property
     def hang_up(self) -> Callable[[], None] | None: ...
 
+    @property
+    def routing(self) -> Routing | None: ...
+
+    @property
+    def provider(self) -> Provider: ...
+
+    def streamer(self) -> Streamer: ...
+
+    def take_route(self, decision: Decision) -> list[Event]: ...
+
     def build_call(self) -> ChatCall: ...
 
     def record(self, answer: str, partial: bool, done_reason: str) -> None: ...
@@ -116,6 +137,8 @@ class EventRelay:
         self._queue_ms = 0
         self._first_token_ms: int | None = None
         self._writes: WriteWatch | None = None
+        self._classifying = False  # a router's classifier call is under way
+        self._classification: list[str] = []
 
     def __iter__(self) -> Generator[bytes, None, None]:
         """Yield the events; close the upstream however the stream ends. The idle and total
@@ -184,21 +207,47 @@ class EventRelay:
             return self._fail(TurnCancelled())
         if self._shutdown.begun:
             return self._fail(ServerShuttingDown())
-        self._generate()
-        return b""
+        return self._generate()
 
-    def _generate(self) -> None:
-        """Start the generation, with the history as it is now that the turn has a slot."""
+    def _generate(self) -> bytes:
+        """The turn has its slot: route it if it is a router's (by keyword, else with a
+        classifier call), and start the generation with the history as it is now."""
         turn = self._turn
         self._queue_ms = _ms(time.monotonic() - self._started)
-        self._generation = Generation(self._provider, turn.build_call(), turn.abort)
+        self._end = time.monotonic() + self._timeouts.total  # the whole turn's
+        if self._writes is not None:
+            self._writes.end_at = self._end
+        if turn.routing is not None:
+            decision = turn.routing.by_keyword()
+            if decision is None:
+                self._classifying = True
+                self._start(turn.provider, turn.routing.classifier_call())
+                return b""
+            return self._routed(decision)
+        self._start(turn.streamer(), turn.build_call())
+        return b""
+
+    def _routed(self, decision: Decision) -> bytes:
+        """Tell where the router sent the message, and start the answer there."""
+        if self._generation is not None:
+            self._generation.stop(graceful=True)
+        self._classifying = False
+        try:
+            events = self._turn.take_route(decision)
+        except PiAgentError as exc:  # the route's agent cannot answer: the turn fails there
+            self._outcome = "failed"
+            routed = Routed(decision.route, decision.agent, decision.by)
+            return self._encode(routed) + self._fail(exc)
+        self._start(self._turn.streamer(), self._turn.build_call())
+        return b"".join(map(self._encode, events))
+
+    def _start(self, streamer: Streamer, call: ChatCall) -> None:
+        """One model call (or a fixed reply), with its own first-token deadline."""
+        self._generation = Generation(streamer, call, self._turn.abort)
         self._generation.start()
         self._phase = _GENERATING
         self._began = self._last_look = time.monotonic()
         self._deadline = self._began + self._timeouts.first_token
-        self._end = self._began + self._timeouts.total
-        if self._writes is not None:
-            self._writes.end_at = self._end
 
     def _generating(self) -> bytes | None:
         """Wait for the next chunk, at most until a heartbeat is due."""
@@ -213,6 +262,9 @@ class EventRelay:
         if stop is not None:
             return stop or None
         if item is None:
+            if self._classifying and now >= self._deadline and now < self._end:
+                logger.warning("router: no classification in time; the fallback answers")
+                return self._routed(self._turn.routing.fallback())  # type: ignore[union-attr]
             if now >= self._deadline or now >= self._end:
                 self._outcome = "failed"
                 logger.warning("upstream timed out (%s)", "first token"
@@ -221,6 +273,10 @@ class EventRelay:
             if now - self._last_write >= timeouts.heartbeat:
                 return self._encode(HEARTBEAT)
             return b""
+        if isinstance(item, ProviderError) and self._classifying:
+            logger.warning("router: the classifier call failed (%s); the fallback answers",
+                           type(item).__name__)
+            return self._routed(self._turn.routing.fallback())  # type: ignore[union-attr]
         if isinstance(item, ProviderError):
             self._outcome = "failed"
             logger.warning("event stream ended by %s", type(item).__name__)
@@ -245,6 +301,8 @@ class EventRelay:
         return None
 
     def _chunk(self, chunk: ChatChunk, now: float) -> bytes | None:
+        if self._classifying:
+            return self._classified(chunk)
         if self._first_token_ms is None:
             self._first_token_ms = _ms(now - self._began)
         self._deadline = now + self._timeouts.idle
@@ -262,6 +320,17 @@ class EventRelay:
         return self._encode(Done(chunk, turn.conversation_id, {
             "queue_ms": self._queue_ms, "first_token_ms": self._first_token_ms,
             "total_ms": _ms(time.monotonic() - self._started)}))
+
+    def _classified(self, chunk: ChatChunk) -> bytes:
+        """Gather the classifier's answer; at its end, route by it."""
+        self._deadline = time.monotonic() + self._timeouts.idle
+        self._classification.append(chunk.content)
+        if not chunk.done:
+            return b""
+        self._turn.count_tokens(chunk.completion_tokens)
+        routing = self._turn.routing
+        assert routing is not None
+        return self._routed(routing.read("".join(self._classification)))
 
     def _fail(self, exc: PiAgentError) -> bytes:
         self.failure = exc

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Literal, TypeVar
 
 from ..config import Settings
 from ..errors import (
@@ -42,12 +41,14 @@ from ..providers.base import Abort, ChatCall, ChatChunk, ChatStream, Forwarded, 
 from ..security.keys import ApiKey
 from ..security.limits import Limits
 from .admission import Admission
-from .context import trim_history
-from .conversation import remembered_messages
-from .events import Done, Encoder, Failed
-from .knowledge import Source
+from .agents import Agent
+from .events import Done, Encoder, Event, Failed
+from .generation import Gathered
+from .knowledge import Library, Source
 from .lifecycle import Shutdown
+from .prompt import Client, Prompt
 from .relay import EventRelay, Timeouts
+from .router import Decision, FixedReply, Routing, plan_route
 from .running import RunningTurns
 from .watch import TurnWatch, Watchdog, never
 
@@ -67,45 +68,16 @@ STOPPED: dict[str, type[PiAgentError]] = {
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Client:
-    """The turn's client as the web layer sees it: ``gone`` tells whether it closed its
-    connection (None: cannot tell without writing), ``hang_up`` closes that connection,
-    which frees a write that a client reading nothing holds up."""
-
-    gone: Callable[[], bool] | None = None
-    hang_up: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """The call to the model as the request asks for it. The conversation's remembered
-    turns go in at ``history_at`` once the turn holds its slot; ``fit_history`` drops the
-    oldest of them that would not fit ``num_ctx`` beside the request's messages (``/v1``,
-    whose clients send whole conversations); ``/chat`` sends what memory kept."""
-
-    call: ChatCall
-    history_at: int = 0
-    fit_history: bool = False
-
-    def with_history(self, history: list[Remembered]) -> ChatCall:
-        if not history:
-            return self.call
-        messages = remembered_messages(history)
-        if self.fit_history:
-            messages = trim_history(messages, self.call.messages, self.call.options["num_ctx"])
-        given = self.call.messages
-        at = self.history_at
-        return replace(self.call, messages=[*given[:at], *messages, *given[at:]])
-
-
 class Turns:
     """What every turn shares, built once by create_app."""
 
     def __init__(self, settings: Settings, provider: Provider, admission: Admission,
                  running: RunningTurns, watchdog: Watchdog, shutdown: Shutdown,
-                 memory: MemoryStore | None, limits: Limits) -> None:
+                 memory: MemoryStore | None, limits: Limits,
+                 agents: Mapping[str, Agent], library: Library) -> None:
         self.settings = settings
+        self.agents = agents  # where a router's routes lead
+        self.library = library
         self.timeouts = Timeouts.from_settings(settings)
         self.provider = provider
         self.admission = admission
@@ -117,17 +89,21 @@ class Turns:
 
     def open(self, conversation_id: str, key: ApiKey, client: Client,
              prompt: Prompt | None = None, remember: str | None = None,
-             agent: str = "", sources: tuple[Source, ...] | None = None) -> Turn:
+             agent: str = "", sources: tuple[Source, ...] | None = None,
+             router: Agent | None = None) -> Turn:
         """Take a place for one turn: a slot, or a place in the queue.
 
         ``remember`` is the user's message that the answer is remembered with, in the
         conversation's memory; None for a turn that neither reads nor keeps any.
         ``sources`` are the passages found for an agent with knowledge (None: it has none).
+        A ``router`` turn has no prompt yet: it gets one from the route it takes.
 
         :raise ConversationBusy: 409 if the conversation has a turn queued or running.
         :raise QueueFull: 429 if every slot is taken and the queue is full.
         """
-        return Turn(self, conversation_id, key, client, prompt, remember, agent, sources)
+        routing = Routing(router, remember or "", self.settings) if router else None
+        return Turn(self, conversation_id, key, client, prompt, remember, agent, sources,
+                    routing)
 
 
 class Turn:
@@ -135,11 +111,15 @@ class Turn:
 
     def __init__(self, turns: Turns, conversation_id: str, key: ApiKey, client: Client,
                  prompt: Prompt | None, remember: str | None, agent: str,
-                 sources: tuple[Source, ...] | None = None) -> None:
+                 sources: tuple[Source, ...] | None = None,
+                 routing: Routing | None = None) -> None:
         self._turns = turns
         self.conversation_id = conversation_id
         self.agent = agent
         self.sources = sources
+        self.routing = routing
+        self.route: Decision | None = None
+        self._fixed: FixedReply | None = None
         self.client = client
         self._prompt = prompt
         self._remember = remember or ""
@@ -159,7 +139,46 @@ class Turn:
 
     @property
     def model(self) -> str:
-        return self._prompt.call.model if self._prompt is not None else ""
+        if self._prompt is not None:
+            return self._prompt.call.model
+        return self.routing.model if self.routing is not None else ""
+
+    @property
+    def provider(self) -> Provider:
+        return self._turns.provider
+
+    def streamer(self) -> Provider | FixedReply:
+        """What streams the reply: the model, or a route's fixed reply."""
+        return self._fixed if self._fixed is not None else self._turns.provider
+
+    def take_route(self, decision: Decision) -> list[Event]:
+        """Answer as ``decision`` says: with a route's agent (its prompt, its sources) or a
+        fixed reply; the events that tell the client so.
+
+        :raise AgentNotRunnable: 501, the route's agent uses what is not run yet.
+        """
+        assert self.routing is not None
+        self.route = decision
+        turns = self._turns
+        plan = plan_route(decision, self.routing, turns.agents, turns.library, turns.settings)
+        self._prompt, self._fixed, self.sources = plan.prompt, plan.fixed, plan.sources
+        return plan.events
+
+    def _route_direct(self, watch: TurnWatch) -> None:
+        """Route a turn that writes nothing while it waits: the keywords, else the
+        classifier's answer, else (a classification that failed) the fallback."""
+        assert self.routing is not None
+        decision = self.routing.by_keyword()
+        if decision is None:
+            try:
+                answer = self._gather(self._turns.provider, self.routing.classifier_call(),
+                                      watch)
+                decision = self.routing.read(answer.content)
+            except ProviderError:
+                if self.abort.requested:
+                    raise
+                decision = self.routing.fallback()
+        self.take_route(decision)
 
     @property
     def cancelled(self) -> bool:
@@ -242,9 +261,11 @@ class Turn:
 
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
         """
-        self.begin()
-        call = self.build_call()
-        self._stream = self.run(lambda abort: self._turns.provider.stream_chat(call, abort))
+        watch = self.begin()
+        if self.routing is not None:
+            self._route_direct(watch)
+        call, streamer = self.build_call(), self.streamer()
+        self._stream = self.run(lambda abort: streamer.stream_chat(call, abort))
         self._upstream = self._stream
 
     def relay(self, encoder: Encoder) -> Iterator[bytes]:
@@ -320,11 +341,22 @@ class Turn:
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
         """
         watch = self.begin()
-        call = self.build_call()
-        gathered = _Gathered()
+        if self.routing is not None:
+            self._route_direct(watch)
+        result = self._gather(self.streamer(), self.build_call(), watch)
+        self.record(result.content, False, result.done_reason)
+        return result
+
+    def _gather(self, streamer: Provider | FixedReply, call: ChatCall,
+                watch: TurnWatch) -> ChatChunk:
+        """One call's reply, gathered whole; its tokens counted, also of a reply cut short.
+
+        :raise ProviderError: the call failed, or was stopped (a subclass that says why).
+        """
+        gathered = Gathered()
         stream: ChatStream | None = None
         try:
-            stream = self._turns.provider.stream_chat(call, self.abort)
+            stream = streamer.stream_chat(call, self.abort)
             for chunk in stream:
                 watch.last_chunk = time.monotonic()
                 gathered.add(chunk)
@@ -338,7 +370,6 @@ class Turn:
                 stream.close()
         result = gathered.whole()
         self.count_tokens(result.completion_tokens)
-        self.record(result.content, False, result.done_reason)
         return result
 
     def _why(self, exc: ProviderError) -> PiAgentError:
@@ -359,27 +390,3 @@ class Turn:
         self.abort.set_handler(None)  # the connection may go back to the pool
         self._turns.admission.leave(self.ticket)
         self._turns.running.remove(self.conversation_id, self._cancel)
-
-
-class _Gathered:
-    """A reply's chunks, gathered into one."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.thinking: list[str] = []
-        self.tool_calls: list[Any] = []
-        self.last: ChatChunk | None = None
-        self.chunks = 0
-
-    def add(self, chunk: ChatChunk) -> None:
-        self.chunks += 1
-        self.texts.append(chunk.content)
-        self.thinking.append(chunk.thinking)
-        self.tool_calls += chunk.tool_calls or ()
-        self.last = chunk
-
-    def whole(self) -> ChatChunk:
-        last = self.last
-        assert last is not None
-        return ChatChunk("".join(self.texts), "".join(self.thinking), True, last.done_reason,
-                         last.prompt_tokens, last.completion_tokens, self.tool_calls or None)

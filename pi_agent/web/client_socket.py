@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from ..core.turn import Client
+from ..core.prompt import Client
 
 
 def client_closer(environ: dict[str, Any],

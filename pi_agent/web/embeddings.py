@@ -12,7 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..core.turn import Client, Turns
+from ..core.prompt import Client
+from ..core.turn import Turns
 from ..core.watch import TurnWatch
 from ..providers.base import Forwarded
 from ..security.keys import ApiKey

@@ -6,9 +6,11 @@ import uuid
 
 from flask import Blueprint, Response, g, jsonify, request
 
+from ...core.agents import Agent
 from ...core.conversation import CONVERSATION_ID, build_call
 from ...core.events import Encoder
-from ...core.turn import Prompt, Turn
+from ...core.prompt import Prompt
+from ...core.turn import Turn
 from ...errors import (
     ConversationNotFound,
     FieldProblem,
@@ -22,7 +24,7 @@ from ..client_socket import client_of
 from ..validation import parse_body
 from .agents import find_agent
 from .events import NDJSON, SSE, TEXT, EventFormat, source_info
-from .schemas import Cancelled, ChatReply, ChatRequest, SourceInfo, Usage
+from .schemas import Cancelled, ChatReply, ChatRequest, RouteInfo, SourceInfo, Usage
 
 bp = Blueprint("chat", __name__)
 
@@ -76,11 +78,7 @@ def _answer(events_only: bool) -> Response:
     agent = find_agent(body.agent)
     allow_agent(agent.name)
     allow_model(agent.resolve_model(settings))
-    sources = state.knowledge.search(agent, body.message) if agent.knowledge else None
-    # The history goes in after the agent's system prompt, once the turn has its slot.
-    prompt = Prompt(build_call(agent, settings, body.message, sources), history_at=1)
-    turn = state.turns.open(conversation_id, current_key(), client_of(request.environ),
-                            prompt, remember=body.message, agent=agent.name, sources=sources)
+    turn = _open(agent, body.message, conversation_id)
     encoder = _event_format(events_only or body.stream, default_sse=events_only)
     if encoder is not None:
         return stream_response(turn.stream(encoder), turn.release, encoder.content_type)
@@ -102,9 +100,27 @@ def _answer(events_only: bool) -> Response:
             completion_tokens=result.completion_tokens,
             total_tokens=result.prompt_tokens + result.completion_tokens,
         ),
-        sources=[SourceInfo(**source_info(source)) for source in sources or ()],
+        sources=[SourceInfo(**source_info(source)) for source in turn.sources or ()],
+        route=RouteInfo(route=turn.route.route, agent=turn.route.agent, by=turn.route.by)
+        if turn.route is not None else None,
     )
     return jsonify(reply.model_dump())
+
+
+def _open(agent: Agent, message: str, conversation_id: str) -> Turn:
+    """The turn of ``agent``: a chat agent's prompt (with the sources of its knowledge),
+    or a router's, whose prompt comes from the route it takes once it has a slot."""
+    state = current_state()
+    key, client = current_key(), client_of(request.environ)
+    if agent.kind == "router":
+        agent.check_runnable(routes=True)
+        return state.turns.open(conversation_id, key, client, remember=message,
+                                agent=agent.name, router=agent)
+    sources = state.knowledge.search(agent, message) if agent.knowledge else None
+    # The history goes in after the agent's system prompt, once the turn has its slot.
+    prompt = Prompt(build_call(agent, state.settings, message, sources), history_at=1)
+    return state.turns.open(conversation_id, key, client, prompt, remember=message,
+                            agent=agent.name, sources=sources)
 
 
 def _text(turn: Turn, encoder: Encoder) -> Response:

@@ -6,7 +6,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...core.events import Done, Encoder, Failed, Heartbeat, Queued, Sourced, Started
+from ...core.events import (
+    Done,
+    Encoder,
+    Failed,
+    Heartbeat,
+    Queued,
+    Routed,
+    Sourced,
+    Started,
+)
 from ...core.knowledge import Source
 from ...providers.base import ChatChunk
 
@@ -27,6 +36,10 @@ class EventFormat(Encoder):
 
     def queued(self, event: Queued) -> bytes:
         return self.event("queued", {"position": event.position})
+
+    def route(self, event: Routed) -> bytes:
+        return self.event("route", {"route": event.route, "agent": event.agent,
+                                    "by": event.by})
 
     def sources(self, event: Sourced) -> bytes:
         return self.event("sources", {"sources": [source_info(s) for s in event.sources]})

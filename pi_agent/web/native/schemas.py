@@ -66,6 +66,15 @@ class SourceInfo(BaseModel):
     score: float
 
 
+class RouteInfo(BaseModel):
+    """Where a router sent a message: ``route`` null on fallback, ``agent`` null for a
+    fixed reply; ``by`` keyword, classifier or fallback."""
+
+    route: str | None
+    agent: str | None
+    by: str
+
+
 class ChatReply(BaseModel):
     """The answer of a non-stream ``POST /chat``."""
 
@@ -78,6 +87,7 @@ class ChatReply(BaseModel):
     usage: Usage
     # The passages of the agent's documents given to the model (empty: none, or no knowledge).
     sources: list[SourceInfo]
+    route: RouteInfo | None  # where a router sent the message; null for other agents
 
 
 class Cancelled(BaseModel):

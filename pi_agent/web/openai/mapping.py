@@ -14,7 +14,7 @@ from ...config import Settings
 from ...core.agents import Agent, base_options
 from ...core.context import check_fits
 from ...core.knowledge import Library, with_sources
-from ...core.turn import Prompt
+from ...core.prompt import Prompt
 from ...errors import InvalidRequest, UnknownModel
 from ...providers.base import ChatCall
 from .schemas import (

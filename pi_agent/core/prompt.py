@@ -1,0 +1,43 @@
+"""What a turn is asked and whom it answers: the call to the model with the place for the
+conversation's history (``Prompt``), and the client as the web layer sees it (``Client``)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from ..memory import Turn as Remembered
+from ..providers.base import ChatCall
+from .context import trim_history
+from .conversation import remembered_messages
+
+
+@dataclass(frozen=True)
+class Client:
+    """The turn's client as the web layer sees it: ``gone`` tells whether it closed its
+    connection (None: cannot tell without writing), ``hang_up`` closes that connection,
+    which frees a write that a client reading nothing holds up."""
+
+    gone: Callable[[], bool] | None = None
+    hang_up: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The call to the model as the request asks for it. The conversation's remembered
+    turns go in at ``history_at`` once the turn holds its slot; ``fit_history`` drops the
+    oldest of them that would not fit ``num_ctx`` beside the request's messages (``/v1``,
+    whose clients send whole conversations); ``/chat`` sends what memory kept."""
+
+    call: ChatCall
+    history_at: int = 0
+    fit_history: bool = False
+
+    def with_history(self, history: list[Remembered]) -> ChatCall:
+        if not history:
+            return self.call
+        messages = remembered_messages(history)
+        if self.fit_history:
+            messages = trim_history(messages, self.call.messages, self.call.options["num_ctx"])
+        given = self.call.messages
+        at = self.history_at
+        return replace(self.call, messages=[*given[:at], *messages, *given[at:]])
