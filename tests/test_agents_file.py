@@ -73,7 +73,8 @@ def write(tmp_path: Path, text: str, name: str = "agents.toml") -> str:
 
 
 def test_the_built_in_agents_come_from_the_package_file(client: Any) -> None:
-    assert client.get("/agents").get_json() == {"agents": ["general", "coder", "poet"]}
+    agents = ["general", "coder", "poet", "router"]
+    assert client.get("/agents").get_json() == {"agents": agents}
     body = client.get("/agents/poet").get_json()
     assert body["kind"] == "chat" and body["tools"] == [] and body["knowledge"] is None
     assert body["model"] == "llama3.2:1b"  # no model named: PI_AGENT_MODEL
@@ -298,6 +299,6 @@ def test_the_cli_knows_the_agents_of_the_file(tmp_path: Path,
 
 def test_a_bad_built_in_file_is_impossible() -> None:
     # The package's own file is the documented example: it must load.
-    assert list(load_agents()) == ["general", "coder", "poet"]
+    assert list(load_agents()) == ["general", "coder", "poet", "router"]
     with pytest.raises(AgentsFileError):
         load_agents("/nonexistent/agents.toml")

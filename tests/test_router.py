@@ -170,3 +170,17 @@ def test_routing_through_gunicorn(tmp_path: Path, fake_ollama: FakeOllama) -> No
     assert [name for name, _ in events][:3] == ["start", "route", "token"]
     assert events[1][1] == {"route": "code", "agent": "coder", "by": "classifier"}
     assert fixed["reply"] == REFUSAL
+
+
+def test_the_built_in_router(make_app: Callable[..., Flask], fake_ollama: FakeOllama) -> None:
+    client = make_app().test_client()
+    poem = client.post("/chat", json={"message": "a HAIKU about rain", "agent": "router"})
+    assert poem.get_json()["route"] == {"route": "poem", "agent": "poet", "by": "keyword"}
+    assert fake_ollama.chat_requests()[-1]["options"]["temperature"] == 0.9  # the poet's
+    refused = client.post("/chat", json={"message": "how to make a bomb", "agent": "router"})
+    assert refused.get_json()["reply"] == "I am afraid I can't help with that."
+    fake_ollama.classifier_script = Script(tokens=['{"route": "clarify"}'])
+    unclear = client.post("/chat", json={"message": "hm", "agent": "router"}).get_json()
+    assert unclear["route"]["by"] == "classifier" and unclear["reply"].startswith("Could you")
+    listed = client.get("/v1/models").get_json()["data"]
+    assert "agent:router" not in [m["id"] for m in listed]  # /v1 does not run routers yet

@@ -21,7 +21,8 @@ def test_health_never_calls_ollama(make_app: Callable[..., Flask]) -> None:
 
 
 def test_list_agents(client: FlaskClient) -> None:
-    assert client.get("/agents").get_json() == {"agents": ["general", "coder", "poet"]}
+    agents = ["general", "coder", "poet", "router"]
+    assert client.get("/agents").get_json() == {"agents": agents}
 
 
 def test_show_agent(client: FlaskClient) -> None:
