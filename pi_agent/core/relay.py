@@ -5,6 +5,9 @@ while nothing else is written. Between writes it looks after the first-token, id
 total timeouts, a cancel, the shutdown and a client that left; while a write is held up
 by a client that reads nothing, the watchdog does (``WriteWatch``).
 
+A router's turn, once it has its slot, first runs its classifier call the same way (its
+answer is gathered, not written), then writes ``Routed`` and answers as the route says.
+
 One generator yields the bytes; what to write next is worked out by plain methods, so a
 token passes through one generator and one encoder call.
 """
@@ -111,14 +114,12 @@ class EventRelay:
     ``Failed`` event, once it has."""
 
     def __init__(self, turn: RelayedTurn, encoder: Encoder, timeouts: Timeouts,
-                 admission: Admission, provider: Provider, watchdog: Watchdog,
-                 shutdown: Shutdown) -> None:
+                 admission: Admission, watchdog: Watchdog, shutdown: Shutdown) -> None:
         self._turn = turn
         self._encode = encoder.encode
         self._write_chunk = encoder.chunk_writer()
         self._timeouts = timeouts
         self._admission = admission
-        self._provider = provider
         self._watchdog = watchdog
         self._shutdown = shutdown
         # Whether the client closed its connection; asked at every poll, so that a client

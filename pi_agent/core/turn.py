@@ -215,8 +215,8 @@ class Turn:
     def stream(self, encoder: Encoder) -> EventRelay:
         """The turn as an event stream, written by ``encoder``; see relay.py."""
         turns = self._turns
-        return EventRelay(self, encoder, turns.timeouts, turns.admission, turns.provider,
-                          turns.watchdog, turns.shutdown)
+        return EventRelay(self, encoder, turns.timeouts, turns.admission, turns.watchdog,
+                          turns.shutdown)
 
     def begin(self) -> TurnWatch:
         """Wait for a generation slot, then start watching the turn.
