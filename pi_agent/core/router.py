@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Settings
+from ..errors import AgentNotFound
 from ..providers.base import Abort, ChatCall, ChatChunk
 from .agents import Agent, Route
 from .conversation import build_call
@@ -148,12 +149,15 @@ def plan_route(decision: Decision, routing: Routing, agents: Mapping[str, Agent]
     fixed reply.
 
     :raise AgentNotRunnable: 501, the route's agent uses what is not run yet.
+    :raise AgentNotFound: 404, the route's agent is gone from the agents file.
     """
     events: list[Event] = [Routed(decision.route, decision.agent, decision.by)]
     if decision.reply is not None:
         never_sent = ChatCall(routing.model, [], {}, settings.keep_alive)
         return Plan(Prompt(never_sent), FixedReply(decision.reply), None, events)
-    target = agents[decision.agent or ""]
+    target = agents.get(decision.agent or "")
+    if target is None:  # the agents file changed since the router was read
+        raise AgentNotFound(decision.agent or "")
     sources = None
     if target.knowledge is not None:
         sources = library.search(target, routing.message)
