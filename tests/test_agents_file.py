@@ -25,6 +25,7 @@ from pi_agent.core.tools import BUILTIN, ToolError, resolve_tools, tool_from_fun
 from .agent_tools import add
 from .fake_ollama import FakeOllama
 from .live_server import ROOT, STARTUP_SECONDS, gunicorn_command, server_env, serving
+from .test_security import Clock
 
 GOOD = """
 [defaults]
@@ -169,14 +170,6 @@ def test_a_bad_file_stops_the_app_with_one_line(
 def test_a_missing_file_stops_the_app(make_app: Callable[..., Flask], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="No such file"):
         make_app(AGENTS_FILE=str(tmp_path / "nowhere.toml"))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_change_is_read_again_and_a_bad_one_keeps_the_agents(

@@ -18,6 +18,7 @@ from pi_agent.core.knowledge import CHECK_SECONDS, Library, match_query, split_p
 from .fake_ollama import FakeOllama
 from .live_server import serving
 from .test_events import parse_ndjson, parse_sse
+from .test_security import Clock
 
 GARDEN = """Notes on the garden.
 
@@ -54,14 +55,6 @@ def folder(tmp_path: Path) -> Path:
     (tmp_path / "notes.txt").write_text(NOTES)
     (tmp_path / "agents.toml").write_text(AGENTS)
     return tmp_path
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def search(folder: Path, question: str, clock: Clock | None = None,

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from ..config import Settings
 from ..memory import Turn as Remembered
 from ..providers.base import ChatCall
+from .agents import Agent
 from .context import trim_history
-from .conversation import remembered_messages
+from .conversation import build_call, remembered_messages
+from .knowledge import Library, Source
 
 
 @dataclass(frozen=True)
@@ -41,3 +44,14 @@ class Prompt:
         given = self.call.messages
         at = self.history_at
         return replace(self.call, messages=[*given[:at], *messages, *given[at:]])
+
+
+def prompt_for(agent: Agent, settings: Settings, message: str,
+               library: Library) -> tuple[Prompt, tuple[Source, ...] | None]:
+    """A chat agent's prompt for ``message``, with the sources its knowledge gives (None for
+    an agent without knowledge); the history goes in after its system prompt.
+
+    :raise AgentNotRunnable: 501 for an agent this version does not run yet.
+    """
+    sources = library.search(agent, message) if agent.knowledge is not None else None
+    return Prompt(build_call(agent, settings, message, sources), history_at=1), sources

@@ -15,10 +15,9 @@ from ..config import Settings
 from ..errors import AgentNotFound
 from ..providers.base import Abort, ChatCall, ChatChunk
 from .agents import Agent, Route
-from .conversation import build_call
 from .events import Event, Routed, Sourced
 from .knowledge import Library, Source
-from .prompt import Prompt
+from .prompt import Prompt, prompt_for
 
 CLASSIFIER_TOKENS = 16
 
@@ -158,9 +157,7 @@ def plan_route(decision: Decision, routing: Routing, agents: Mapping[str, Agent]
     target = agents.get(decision.agent or "")
     if target is None:  # the agents file changed since the router was read
         raise AgentNotFound(decision.agent or "")
-    sources = None
-    if target.knowledge is not None:
-        sources = library.search(target, routing.message)
+    prompt, sources = prompt_for(target, settings, routing.message, library)
+    if sources is not None:
         events.append(Sourced(sources))
-    call = build_call(target, settings, routing.message, sources)
-    return Plan(Prompt(call, history_at=1), None, sources, events)
+    return Plan(prompt, None, sources, events)

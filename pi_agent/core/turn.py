@@ -302,7 +302,7 @@ class Turn:
             if failure is not None:
                 yield encode(Failed(failure))
         finally:
-            self._close_relay(stream, pieces, chunks, last, failed)
+            self._close_relay(pieces, chunks, last, failed)
             self.release()  # now, not when the WSGI server closes the body
 
     def _failure(self, exc: ProviderError) -> PiAgentError | None:
@@ -318,11 +318,10 @@ class Turn:
         logger.warning("stream to the client ended by %s", type(exc).__name__)
         return exc
 
-    def _close_relay(self, stream: ChatStream, pieces: list[str], chunks: int,
-                     last: ChatChunk | None, failed: bool) -> None:
-        # Remembered before the slot is given back, so that the conversation's next turn
-        # finds this one in its history.
-        stream.close()
+    def _close_relay(self, pieces: list[str], chunks: int, last: ChatChunk | None,
+                     failed: bool) -> None:
+        # Remembered before the slot is given back (release, which also closes the stream),
+        # so that the conversation's next turn finds this one in its history.
         if last is not None and last.done and last.done_reason:
             self.record("".join(pieces), False, last.done_reason)
             self.count_tokens(last.completion_tokens)

@@ -7,9 +7,9 @@ import uuid
 from flask import Blueprint, Response, g, jsonify, request
 
 from ...core.agents import Agent
-from ...core.conversation import CONVERSATION_ID, build_call
+from ...core.conversation import CONVERSATION_ID
 from ...core.events import Encoder
-from ...core.prompt import Prompt
+from ...core.prompt import prompt_for
 from ...core.turn import Turn
 from ...errors import (
     ConversationNotFound,
@@ -116,9 +116,7 @@ def _open(agent: Agent, message: str, conversation_id: str) -> Turn:
         agent.check_runnable(routes=True)
         return state.turns.open(conversation_id, key, client, remember=message,
                                 agent=agent.name, router=agent)
-    sources = state.knowledge.search(agent, message) if agent.knowledge else None
-    # The history goes in after the agent's system prompt, once the turn has its slot.
-    prompt = Prompt(build_call(agent, state.settings, message, sources), history_at=1)
+    prompt, sources = prompt_for(agent, state.settings, message, state.knowledge)
     return state.turns.open(conversation_id, key, client, prompt, remember=message,
                             agent=agent.name, sources=sources)
 
