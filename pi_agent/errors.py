@@ -111,15 +111,15 @@ class AgentNotFound(PiAgentError):
 
 
 class AgentNotRunnable(PiAgentError):
-    """The agent uses what this version does not run yet (tools run by the server, a
-    router, knowledge): its file is valid, but a turn with it cannot be answered."""
+    """The agent uses what this API does not run (a router, on ``/v1``): its file is valid,
+    but a turn with it cannot be answered here."""
 
     code = 501
     error_code = "not_implemented"
 
     def __init__(self, name: str, what: str) -> None:
-        super().__init__(f"agent {name!r} uses {what}, which this version of the server "
-                         "does not run yet; see docs/agents.md")
+        super().__init__(f"agent {name!r} uses {what}, which this API does not run: "
+                         "use POST /chat (see docs/agents.md)")
 
 
 class Unauthenticated(PiAgentError):

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -50,8 +50,12 @@ class Script:
     split_frames: bool = False  # each JSON line in two chunk frames, cut inside a character
     one_frame: bool = False  # all lines of the reply in a single chunk frame
     # Tool calls as Ollama sends them ({"id"?, "function": {"name", "arguments": {...}}}):
-    # whole, in one chunk after the tokens.
+    # whole, in one chunk after the tokens; only to a request that offers tools, as a
+    # model's template shows it none otherwise.
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    # To try an agent with tools by hand: a request that offers tools and ends with the
+    # user's message is answered with a call to the last tool that needs no arguments.
+    demo_tools: bool = False
 
 
 class FakeOllama:
@@ -64,6 +68,9 @@ class FakeOllama:
         self.scripts: dict[str, Script] = {}
         # The script of a router's classifier call (a format schema with a "route"), if set.
         self.classifier_script: Script | None = None
+        # Scripts for the next chat calls, one each, in order (a tool loop's steps); the
+        # classifier's call takes none. Once they are used up, the scripts above answer.
+        self.steps: deque[Script] = deque()
         self.requests: deque[dict[str, Any]] = deque(maxlen=10_000)
         self.tokens_sent = 0
         self.connections_accepted = 0
@@ -107,6 +114,7 @@ class FakeOllama:
         self.script = Script()
         self.scripts.clear()
         self.classifier_script = None
+        self.steps.clear()
         with self._lock:
             self.requests.clear()
         self.tokens_sent = 0
@@ -159,6 +167,16 @@ def _classifies(body: dict[str, Any]) -> bool:
     """Whether a chat request is a router's classifier call: a format schema with "route"."""
     schema = body.get("format")
     return isinstance(schema, dict) and "route" in schema.get("properties", {})
+
+
+def _demo_call(script: Script, tools: list[dict[str, Any]]) -> Script:
+    """The script that calls the last offered tool that needs no arguments, if any."""
+    free = [tool["function"]["name"] for tool in tools
+            if not tool.get("function", {}).get("parameters", {}).get("required")]
+    if not free:
+        return script
+    return replace(script, tokens=[], tool_calls=[
+        {"function": {"name": free[-1], "arguments": {}}}])
 
 
 def _now() -> str:
@@ -244,6 +262,11 @@ class _Handler(BaseHTTPRequestHandler):
         script = self.fake.scripts.get(prompt, self.fake.script)
         if self.fake.classifier_script is not None and _classifies(body):
             script = self.fake.classifier_script
+        elif self.path == "/api/chat" and not _classifies(body) and self.fake.steps:
+            script = self.fake.steps.popleft()
+        self.offers_tools = bool(body.get("tools"))
+        if script.demo_tools and self.offers_tools and messages[-1].get("role") == "user":
+            script = _demo_call(script, body["tools"])
         if script.drop_before_headers:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -287,6 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
     # --- chat and generate --------------------------------------------------------------
 
     generate = False
+    offers_tools = False
 
     def _chunk(
         self, model: str, content: str = "", thinking: str = "",
@@ -322,14 +346,14 @@ class _Handler(BaseHTTPRequestHandler):
         if script.first_token_delay and not self._wait_watching(script.first_token_delay):
             return
         final = self._final(model, script, "".join(script.tokens), "".join(script.thinking))
-        if script.tool_calls and not self.generate:
+        if script.tool_calls and not self.generate and self.offers_tools:
             final["message"]["tool_calls"] = script.tool_calls
         self._send_json(200, final)
 
     def _stream_chat(self, model: str, script: Script) -> None:
         lines = [encode(self._chunk(model, thinking=t)) for t in script.thinking]
         lines += [encode(self._chunk(model, content=t)) for t in script.tokens]
-        if script.tool_calls and not self.generate:
+        if script.tool_calls and not self.generate and self.offers_tools:
             lines.append(encode(self._chunk(model, tool_calls=script.tool_calls)))
         if script.end_without_done:
             lines.append(b"")
@@ -433,7 +457,8 @@ def main() -> None:
     args = parser.parse_args()
     fake = FakeOllama(port=args.port)
     words = "Hello! I am the fake Ollama of the test suite, answering one word at a time."
-    fake.script = Script(tokens=[" " + w for w in words.split()], token_delay=args.token_delay)
+    fake.script = Script(tokens=[" " + w for w in words.split()], token_delay=args.token_delay,
+                         demo_tools=True)
     fake.start()
     print(f"fake Ollama at {fake.url} with models {', '.join(sorted(fake.models))}; Ctrl-C stops")
     try:

@@ -74,8 +74,10 @@ def write(tmp_path: Path, text: str, name: str = "agents.toml") -> str:
 
 
 def test_the_built_in_agents_come_from_the_package_file(client: Any) -> None:
-    agents = ["general", "coder", "poet", "router"]
+    agents = ["general", "coder", "poet", "pi", "router"]
     assert client.get("/agents").get_json() == {"agents": agents}
+    assert client.get("/agents/pi").get_json()["tools"] == ["time_now", "calculator",
+                                                            "pi_stats"]
     body = client.get("/agents/poet").get_json()
     assert body["kind"] == "chat" and body["tools"] == [] and body["knowledge"] is None
     assert body["model"] == "llama3.2:1b"  # no model named: PI_AGENT_MODEL
@@ -116,18 +118,22 @@ def test_a_chat_agent_from_a_file_sends_its_prompt_model_and_think(
     assert "think" not in fake_ollama.chat_requests()[-1]
 
 
-def test_an_agent_with_tools_is_refused_without_a_model_call(
+def test_an_agent_with_tools_offers_them_on_chat_and_v1(
     make_app: Callable[..., Flask], tmp_path: Path, fake_ollama: FakeOllama
 ) -> None:
-    agent = "pi"  # tools are not run yet (routers: see test_router.py)
+    fake_ollama.models |= {"qwen3:1.7b"}  # the defaults' model in GOOD
     client = make_app(AGENTS_FILE=write(tmp_path, GOOD)).test_client()
-    before = len(fake_ollama.chat_requests())
-    reply = client.post("/chat", json={"message": "hi", "agent": agent})
-    assert reply.status_code == 501 and reply.get_json()["error"]["code"] == "not_implemented"
+    reply = client.post("/chat", json={"message": "hi", "agent": "pi"})
+    assert reply.status_code == 200 and reply.get_json()["tool_calls"] == []
+    sent = fake_ollama.chat_requests()[-1]
+    assert [tool["function"]["name"] for tool in sent["tools"]] == [
+        "time_now", "calculator", "pi_stats", "add"]
+    assert sent["tools"][3]["function"]["description"] == "Add two whole numbers."
+    assert sent["think"] is False  # tool calls send think: false unless the agent says
     openai = client.post("/v1/chat/completions", json={
-        "model": f"agent:{agent}", "messages": [{"role": "user", "content": "hi"}]})
-    assert openai.status_code == 501 and openai.get_json()["error"]["type"] == "server_error"
-    assert len(fake_ollama.chat_requests()) == before
+        "model": "agent:pi", "messages": [{"role": "user", "content": "hi"}]})
+    assert openai.status_code == 200
+    assert len(fake_ollama.chat_requests()[-1]["tools"]) == 4
 
 
 BAD = [
@@ -292,6 +298,6 @@ def test_the_cli_knows_the_agents_of_the_file(tmp_path: Path,
 
 def test_a_bad_built_in_file_is_impossible() -> None:
     # The package's own file is the documented example: it must load.
-    assert list(load_agents()) == ["general", "coder", "poet", "router"]
+    assert list(load_agents()) == ["general", "coder", "poet", "pi", "router"]
     with pytest.raises(AgentsFileError):
         load_agents("/nonexistent/agents.toml")

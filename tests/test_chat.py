@@ -45,6 +45,8 @@ def test_reply_has_every_field(client: FlaskClient, fake_ollama: FakeOllama) -> 
         "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16},
         "sources": [],  # the agent has no knowledge
         "route": None,  # nor is it a router
+        "tool_calls": [],  # nor has it tools
+        "steps": 1,
     }
     assert response.headers["X-Conversation-Id"] == body["conversation_id"]
 

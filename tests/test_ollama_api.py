@@ -169,7 +169,8 @@ def test_long_messages_fit_the_context_or_are_refused(server: Gunicorn, fake: Fa
 
 
 @pytest.mark.parametrize("path, body", [
-    ("/api/chat", {"messages": [{"role": "user", "content": "<b>hi</b> & more"}]}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "<b>hi</b> & more"}],
+                   "tools": [{"type": "function", "function": {"name": "get_weather"}}]}),
     ("/api/generate", {"prompt": "<b>hi</b> & more"}),
 ])
 def test_a_whole_reply_is_what_ollama_answers(server: Gunicorn, fake: FakeOllama, path: str,

@@ -295,7 +295,7 @@ def test_tool_choice_none_leaves_the_tools_out(client: openai.OpenAI, fake: Fake
 def test_models(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
     assert list(models) == ["llama3.2:1b", "qwen3:0.6b", "agent:general", "agent:coder",
-                            "agent:poet"]
+                            "agent:poet", "agent:pi"]
     assert models[MODEL].created == 1746405464  # the fake's modified_at, in Unix seconds
     assert models[MODEL].owned_by == "library" and models["agent:coder"].owned_by == "pi-agent"
     assert client.models.retrieve("qwen3:0.6b").id == "qwen3:0.6b"

@@ -128,17 +128,6 @@ def test_a_bad_classification_goes_to_the_fallback(
     assert body["reply"] == "Hello, world!"
 
 
-def test_a_route_to_an_agent_not_run_yet_fails_the_turn(
-    client: FlaskClient, fake_ollama: FakeOllama
-) -> None:
-    events = stream(client, "what is the CPU temperature?")
-    assert events[1][0] == "route" and events[1][1]["agent"] == "pi"
-    assert events[-1][0] == "error" and events[-1][1]["code"] == "not_implemented"
-    whole = client.post("/chat", json={"message": "temperature?", "agent": "router"})
-    assert whole.status_code == 501
-    assert fake_ollama.chat_requests() == []
-
-
 def test_the_conversation_is_the_routers(client: FlaskClient, fake_ollama: FakeOllama) -> None:
     first = client.post("/chat", json={"message": "python question", "agent": "router",
                                        "conversation_id": "r1"})
@@ -151,10 +140,11 @@ def test_the_conversation_is_the_routers(client: FlaskClient, fake_ollama: FakeO
         ("user", "another python one")]
 
 
-def test_v1_does_not_run_routers_yet(client: FlaskClient) -> None:
+def test_v1_does_not_run_routers(client: FlaskClient) -> None:
     response = client.post("/v1/chat/completions", json={
         "model": "agent:router", "messages": [{"role": "user", "content": "unsafe"}]})
     assert response.status_code == 501
+    assert "use POST /chat" in response.get_json()["error"]["message"]
 
 
 def test_routing_through_gunicorn(tmp_path: Path, fake_ollama: FakeOllama) -> None:
@@ -183,4 +173,5 @@ def test_the_built_in_router(make_app: Callable[..., Flask], fake_ollama: FakeOl
     unclear = client.post("/chat", json={"message": "hm", "agent": "router"}).get_json()
     assert unclear["route"]["by"] == "classifier" and unclear["reply"].startswith("Could you")
     listed = client.get("/v1/models").get_json()["data"]
-    assert "agent:router" not in [m["id"] for m in listed]  # /v1 does not run routers yet
+    assert "agent:router" not in [m["id"] for m in listed]  # /v1 does not run routers
+    assert "agent:pi" in [m["id"] for m in listed]

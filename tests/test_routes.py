@@ -21,7 +21,7 @@ def test_health_never_calls_ollama(make_app: Callable[..., Flask]) -> None:
 
 
 def test_list_agents(client: FlaskClient) -> None:
-    agents = ["general", "coder", "poet", "router"]
+    agents = ["general", "coder", "poet", "pi", "router"]
     assert client.get("/agents").get_json() == {"agents": agents}
 
 

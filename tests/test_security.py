@@ -376,7 +376,7 @@ def test_scopes_on_every_route(client: FlaskClient, keys: Keys, fake_ollama: Fak
     listed = client.get("/v1/models", headers=coder).get_json()["data"]
     assert [m["id"] for m in listed] == [MODEL, "agent:coder"]
     everything = client.get("/v1/models", headers=auth(keys.all)).get_json()["data"]
-    assert len(everything) == 5  # two models, three agents
+    assert len(everything) == 6  # two models, four agents (routers are not /v1's)
     tags = client.get("/api/tags", headers=coder).get_json()["models"]
     assert [m["name"] for m in tags] == [MODEL]
     assert client.get("/agents", headers=coder).get_json() == {"agents": ["coder"]}

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Settings
-from ..errors import AgentNotRunnable
-from .tools import Tool
+from .tools import Tool, Toolbox
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +73,11 @@ class Agent:
         options["num_predict"] = min(options["num_predict"], settings.num_predict)
         return options
 
-    def check_runnable(self, routes: bool = False) -> None:
-        """:raise AgentNotRunnable: 501 for an agent with tools, which this version reads
-        and shows but does not run yet; and for a router where ``routes`` are not run
-        (``/v1``)."""
-        uses = [what for what, used in (("tools", self.tools),
-                                        ("routes", self.kind == "router" and not routes))
-                if used]
-        if uses:
-            raise AgentNotRunnable(self.name, " and ".join(uses))
+    def toolbox(self) -> Toolbox | None:
+        """What the gateway's tool loop runs for this agent; None for an agent without tools."""
+        if not self.tools:
+            return None
+        return Toolbox(self.tools, self.max_steps, self.tool_timeout)
 
 
 def base_options(settings: Settings) -> dict[str, Any]:

@@ -30,10 +30,7 @@ def build_call(agent: Agent, settings: Settings, message: str,
     """Build the upstream request: the agent's system prompt (with the ``sources`` found in
     its documents, numbered), then the new message; the turn puts the remembered turns
     between the two (``Prompt(history_at=1)``).
-
-    :raise AgentNotRunnable: 501 for an agent this version does not run yet.
     """
-    agent.check_runnable()
     system = agent.system_prompt if sources is None else with_sources(agent.system_prompt,
                                                                       sources)
     messages = [{"role": "system", "content": system},

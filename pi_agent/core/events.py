@@ -5,10 +5,12 @@ A turn yields ``Started``, then ``Queued`` while it waits for a slot, ``Sourced`
 agent with knowledge, then the reply's chunks (``ChatChunk``, as the provider gives them:
 text, thinking or tool calls), then exactly one ``Done`` or ``Failed``; ``Heartbeat``
 whenever nothing else was said for a while; a router's turn says where it went with
-``Routed`` once it has a slot. The events still to come with issue #15 (tool calls and
-their results) are new classes here and a method on the encoders that show them: an
-encoder shows nothing of an event it has no method for, so no other front changes
-(``Routed`` and ``Sourced`` came that way: only the native event stream shows them).
+``Routed`` once it has a slot; an agent with tools says ``ToolCalled`` and ``ToolAnswered``
+for each call it runs between its model calls (steps.py). An encoder shows nothing of an
+event it has no method for, so a new kind of event changes no other front: only the native
+event stream shows routes, sources and tool calls. ``Stepped`` and ``Held`` are for the
+relay's clock alone (a model call began; the model wrote text that is held back) and no
+encoder shows them.
 """
 from __future__ import annotations
 
@@ -61,13 +63,52 @@ class Sourced:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCalled:
+    """The model asked for a tool, and the gateway runs it now. ``id`` is unique in the turn."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolAnswered:
+    """A tool call's result as the client sees it: ``content`` is at most ``SHOWN_CHARS`` of
+    what the model was given (``error: <reason>`` when ``ok`` is false); ``ms`` its time."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    ok: bool
+    content: str
+    ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stepped:
+    """A tool loop's next model call (``step`` from 2) began: its first-token wait starts."""
+
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The model wrote text that is held back (it may be a tool call written as JSON): the
+    model is not idle, though nothing is written."""
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The reply ended. ``chunk`` is its last chunk (it may carry text too), with the
-    counts; ``timings`` are milliseconds: queue_ms, first_token_ms, total_ms."""
+    counts of every model call of the turn; ``timings`` are milliseconds: queue_ms,
+    first_token_ms, total_ms. ``steps`` counts the model calls made for the answer (0 for
+    a fixed reply); ``tool_calls`` are the tool calls run for it."""
 
     chunk: ChatChunk
     conversation_id: str
     timings: dict[str, int]
+    steps: int = 1
+    tool_calls: tuple[ToolAnswered, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +119,13 @@ class Failed:
 
 
 # A chunk of the reply is the provider's ChatChunk itself: none is copied per token.
-Event = Started | Queued | Heartbeat | Routed | Sourced | ChatChunk | Done | Failed
+Event = (Started | Queued | Heartbeat | Routed | Sourced | ChatChunk | ToolCalled
+         | ToolAnswered | Stepped | Held | Done | Failed)
 
 HEARTBEAT = Heartbeat()
+HELD = Held()
+# What a client is shown of a tool's result, at most; the model gets up to 2,000 characters.
+SHOWN_CHARS = 500
 
 
 class Encoder:
@@ -93,7 +138,8 @@ class Encoder:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         names = {Started: "start", Queued: "queued", Heartbeat: "ping", Routed: "route",
-                 Sourced: "sources", ChatChunk: "chunk", Done: "done", Failed: "error"}
+                 Sourced: "sources", ChatChunk: "chunk", ToolCalled: "tool_call",
+                 ToolAnswered: "tool_result", Done: "done", Failed: "error"}
         cls._methods = {kind: getattr(cls, name) for kind, name in names.items()
                         if hasattr(cls, name)}
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Iterator
 from typing import Protocol
 
 from ..errors import ProviderError, UpstreamProtocolError
-from ..providers.base import Abort, ChatCall, ChatChunk, ChatStream, ToolCall
+from ..providers.base import Abort, ChatCall, ChatChunk, ToolCall
+from .events import Event
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +24,21 @@ STOP_SECONDS = 5.0
 # connection reusable instead of shutting it.
 END_SECONDS = 1.0
 
-Item = ChatChunk | ProviderError
+Item = ChatChunk | Event | ProviderError
+
+
+class Reply(Protocol):
+    """A streamed reply: the provider's chunks, or a tool loop's chunks and events."""
+
+    def __iter__(self) -> Iterator[ChatChunk | Event]: ...
+
+    def close(self) -> None: ...
 
 
 class Streamer(Protocol):
-    """What streams a reply: the provider, or a router's fixed reply."""
+    """What streams a reply: the provider, a router's fixed reply, or a tool loop."""
 
-    def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> ChatStream: ...
+    def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> Reply: ...
 
 
 class Generation:
@@ -72,7 +82,7 @@ class Generation:
                                STOP_SECONDS)
 
     def _run(self) -> None:
-        stream: ChatStream | None = None
+        stream: Reply | None = None
         try:
             stream = self._provider.stream_chat(self._call, self.abort)
             for chunk in stream:

@@ -12,6 +12,7 @@ from .agents import Agent
 from .context import trim_history
 from .conversation import build_call, remembered_messages
 from .knowledge import Library, Source
+from .tools import Toolbox
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,13 @@ class Prompt:
     """The call to the model as the request asks for it. The conversation's remembered
     turns go in at ``history_at`` once the turn holds its slot; ``fit_history`` drops the
     oldest of them that would not fit ``num_ctx`` beside the request's messages (``/v1``,
-    whose clients send whole conversations); ``/chat`` sends what memory kept."""
+    whose clients send whole conversations); ``/chat`` sends what memory kept. With a
+    ``toolbox``, the gateway runs the agent's tools between model calls."""
 
     call: ChatCall
     history_at: int = 0
     fit_history: bool = False
+    toolbox: Toolbox | None = None  # an agent's tools, run by the gateway (steps.py)
 
     def with_history(self, history: list[Remembered]) -> ChatCall:
         if not history:
@@ -49,9 +52,8 @@ class Prompt:
 def prompt_for(agent: Agent, settings: Settings, message: str,
                library: Library) -> tuple[Prompt, tuple[Source, ...] | None]:
     """A chat agent's prompt for ``message``, with the sources its knowledge gives (None for
-    an agent without knowledge); the history goes in after its system prompt.
-
-    :raise AgentNotRunnable: 501 for an agent this version does not run yet.
+    an agent without knowledge) and its tools; the history goes in after its system prompt.
     """
     sources = library.search(agent, message) if agent.knowledge is not None else None
-    return Prompt(build_call(agent, settings, message, sources), history_at=1), sources
+    return Prompt(build_call(agent, settings, message, sources), history_at=1,
+                  toolbox=agent.toolbox()), sources

@@ -7,6 +7,8 @@ by a client that reads nothing, the watchdog does (``WriteWatch``).
 
 A router's turn, once it has its slot, first runs its classifier call the same way (its
 answer is gathered, not written), then writes ``Routed`` and answers as the route says.
+An agent with tools streams from its tool loop (steps.py) instead of the model: its events
+are written as they come, and each model call of the loop gets its own first-token wait.
 
 One generator yields the bytes; what to write next is worked out by plain methods, so a
 token passes through one generator and one encoder call.
@@ -17,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..config import Settings
 from ..errors import (
@@ -35,15 +37,20 @@ from .events import (
     Encoder,
     Event,
     Failed,
+    Held,
     Queued,
     Routed,
     Sourced,
     Started,
+    Stepped,
+    ToolAnswered,
+    ToolCalled,
 )
 from .generation import Generation, Streamer
 from .knowledge import Source
 from .lifecycle import Shutdown
 from .router import Decision, Routing
+from .steps import ToolLoop
 from .watch import Watchdog, WriteWatch
 
 logger = logging.getLogger(__name__)
@@ -74,7 +81,8 @@ class RelayedTurn(Protocol):
     sources: tuple[Source, ...] | None
     ticket: Ticket
     abort: Abort
-    count_tokens: Callable[[int], None]
+
+    def count_tokens(self, tokens: int) -> None: ...
 
     @property
     def model(self) -> str: ...
@@ -90,6 +98,12 @@ class RelayedTurn(Protocol):
 
     @property
     def routing(self) -> Routing | None: ...
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def tool_calls(self) -> tuple[ToolAnswered, ...]: ...
 
     @property
     def provider(self) -> Provider: ...
@@ -140,6 +154,9 @@ class EventRelay:
         self._writes: WriteWatch | None = None
         self._classifying = False  # a router's classifier call is under way
         self._classification: list[str] = []
+        # What takes the generation's next item: the answer's chunk, a classifier's, or a
+        # tool loop's chunk or event. Chosen per model call, so no token pays for a test.
+        self._take: Callable[[Any, float], bytes | None] = self._chunk
 
     def __iter__(self) -> Generator[bytes, None, None]:
         """Yield the events; close the upstream however the stream ends. The idle and total
@@ -223,6 +240,7 @@ class EventRelay:
             if decision is None:
                 self._classifying = True
                 self._start(turn.provider, turn.routing.classifier_call())
+                self._take = self._classified
                 return b""
             return self._routed(decision)
         self._start(turn.streamer(), turn.build_call())
@@ -243,7 +261,8 @@ class EventRelay:
         return b"".join(map(self._encode, events))
 
     def _start(self, streamer: Streamer, call: ChatCall) -> None:
-        """One model call (or a fixed reply), with its own first-token deadline."""
+        """One model call (a fixed reply, a tool loop), with its own first-token deadline."""
+        self._take = self._stepped if isinstance(streamer, ToolLoop) else self._chunk
         self._generation = Generation(streamer, call, self._turn.abort)
         self._generation.start()
         self._phase = _GENERATING
@@ -282,7 +301,7 @@ class EventRelay:
             self._outcome = "failed"
             logger.warning("event stream ended by %s", type(item).__name__)
             return self._fail(item)
-        return self._chunk(item, now)
+        return self._take(item, now)
 
     def _reason_to_stop(self, now: float) -> bytes | None:
         """The stream's last bytes if it must stop now (``b""``: the client left), else
@@ -302,8 +321,6 @@ class EventRelay:
         return None
 
     def _chunk(self, chunk: ChatChunk, now: float) -> bytes | None:
-        if self._classifying:
-            return self._classified(chunk)
         if self._first_token_ms is None:
             self._first_token_ms = _ms(now - self._began)
         self._deadline = now + self._timeouts.idle
@@ -320,11 +337,27 @@ class EventRelay:
         # The last chunk may carry text too: the encoder writes it with the end.
         return self._encode(Done(chunk, turn.conversation_id, {
             "queue_ms": self._queue_ms, "first_token_ms": self._first_token_ms,
-            "total_ms": _ms(time.monotonic() - self._started)}))
+            "total_ms": _ms(time.monotonic() - self._started)}, turn.steps, turn.tool_calls))
 
-    def _classified(self, chunk: ChatChunk) -> bytes:
+    def _stepped(self, item: ChatChunk | Event, now: float) -> bytes | None:
+        """A tool loop's chunk, or one of its events: a tool runs within its own timeout
+        (and the turn's), the next model call gets a first-token wait, held text shows
+        the model at work."""
+        if type(item) is ChatChunk:
+            return self._chunk(item, now)
+        if type(item) is Held:
+            self._deadline = now + self._timeouts.idle
+            return b""
+        if type(item) is Stepped:
+            self._deadline = now + self._timeouts.first_token
+            return b""
+        if type(item) is ToolCalled:
+            self._deadline = self._end
+        return self._encode(item)
+
+    def _classified(self, chunk: ChatChunk, now: float) -> bytes:
         """Gather the classifier's answer; at its end, route by it."""
-        self._deadline = time.monotonic() + self._timeouts.idle
+        self._deadline = now + self._timeouts.idle
         self._classification.append(chunk.content)
         if not chunk.done:
             return b""

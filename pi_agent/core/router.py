@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import Settings
-from ..errors import AgentNotFound
+from ..errors import AgentNotFound, ProviderError
 from ..providers.base import Abort, ChatCall, ChatChunk
 from .agents import Agent, Route
 from .events import Event, Routed, Sourced
@@ -130,6 +130,22 @@ class Routing:
     def fallback(self) -> Decision:
         return fallback(self.router)
 
+    def decide(self, classify: Callable[[ChatCall], str], abort: Abort) -> Decision:
+        """The keywords' decision, else the answer of ``classify`` (which makes the
+        classifier call), else, if that call failed, the fallback.
+
+        :raise ProviderError: the call was stopped from outside (``abort``).
+        """
+        decision = self.by_keyword()
+        if decision is not None:
+            return decision
+        try:
+            return self.read(classify(self.classifier_call()))
+        except ProviderError:
+            if abort.requested:
+                raise
+            return self.fallback()
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -147,7 +163,6 @@ def plan_route(decision: Decision, routing: Routing, agents: Mapping[str, Agent]
     """Answer as ``decision`` says: with a route's agent (its prompt, its sources) or a
     fixed reply.
 
-    :raise AgentNotRunnable: 501, the route's agent uses what is not run yet.
     :raise AgentNotFound: 404, the route's agent is gone from the agents file.
     """
     events: list[Event] = [Routed(decision.route, decision.agent, decision.by)]

@@ -63,6 +63,19 @@ class Tool:
         return as_text(result)[:MAX_OUTPUT_CHARS]
 
 
+@dataclass(frozen=True)
+class Toolbox:
+    """What an agent's turn runs its tool loop with (steps.py): its tools, its cap on the
+    model calls that offer them, and the time one tool call may take."""
+
+    tools: tuple[Tool, ...]
+    max_steps: int
+    timeout: float
+
+    def definitions(self) -> list[dict[str, Any]]:
+        return [tool.definition() for tool in self.tools]
+
+
 def as_text(result: Any) -> str:
     if isinstance(result, str):
         return result

@@ -9,7 +9,7 @@ how it is answered:
   places and heartbeats while it waits (see relay.py);
 - ``start()`` then ``relay(encoder)``: a plain-text stream, which writes nothing while it
   waits, so the watchdog watches it; everything that fails before the first byte still
-  has its HTTP status;
+  has its HTTP status (see text.py);
 - ``collect()``: the whole reply at once (a JSON reply), read as a stream so that the
   same timeouts, cancel and watch stop it;
 - ``begin()`` then ``forward(...)``: Ollama's own bytes, relayed by the ``/api`` front.
@@ -23,14 +23,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 from ..config import Settings
 from ..errors import (
     ClientGone,
     PiAgentError,
     ProviderError,
-    ProviderTimeout,
     ServerShuttingDown,
     TurnCancelled,
     UpstreamProtocolError,
@@ -42,28 +41,22 @@ from ..security.keys import ApiKey
 from ..security.limits import Limits
 from .admission import Admission
 from .agents import Agent
-from .events import Done, Encoder, Event, Failed
-from .generation import Gathered
+from .events import Encoder, Event, ToolAnswered
+from .generation import Gathered, Reply, Streamer
 from .knowledge import Library, Source
 from .lifecycle import Shutdown
 from .prompt import Client, Prompt
 from .relay import EventRelay, Timeouts
 from .router import Decision, FixedReply, Routing, plan_route
 from .running import RunningTurns
-from .watch import TurnWatch, Watchdog, never
+from .steps import AnswerOnly, ToolLoop
+from .text import relay_text
+from .watch import STOPPED, TurnWatch, Watchdog, never
 
 logger = logging.getLogger(__name__)
 
 # How often a request waiting for a generation slot checks for its client.
 CLIENT_CHECK_SECONDS = 0.5
-
-# Why a turn was stopped from outside (see TurnWatch), as the client is told.
-STOPPED: dict[str, type[PiAgentError]] = {
-    "cancelled": TurnCancelled,
-    "client_gone": ClientGone,
-    "shutting_down": ServerShuttingDown,
-    "timeout": ProviderTimeout,
-}
 
 T = TypeVar("T")
 
@@ -125,7 +118,8 @@ class Turn:
         self._remember = remember or ""
         self._memory = turns.memory if remember is not None else None
         self._owner = key.id
-        self.count_tokens = turns.limits.meter(key)
+        self._meter = turns.limits.meter(key)
+        self._loop: ToolLoop | None = None  # an agent with tools: the gateway runs them
         self.ticket = turns.admission.enter(conversation_id)
         # Registered now, not when a stream starts: a cancel may come before that.
         self._cancel = turns.running.add(conversation_id, key.id)
@@ -147,15 +141,37 @@ class Turn:
     def provider(self) -> Provider:
         return self._turns.provider
 
-    def streamer(self) -> Provider | FixedReply:
-        """What streams the reply: the model, or a route's fixed reply."""
-        return self._fixed if self._fixed is not None else self._turns.provider
+    def streamer(self) -> Streamer:
+        """What streams the reply: the model, a route's fixed reply, or the tool loop of an
+        agent with tools (one per turn, made here)."""
+        if self._fixed is not None:
+            return self._fixed
+        toolbox = self._prompt.toolbox if self._prompt is not None else None
+        if toolbox is None:
+            return self._turns.provider
+        self._loop = ToolLoop(self._turns.provider, toolbox, self._meter)
+        return self._loop
+
+    def count_tokens(self, tokens: int) -> None:
+        """Count completion tokens against the key's daily quota; a tool loop counts those
+        of each of its model calls itself."""
+        if self._loop is None:
+            self._meter(tokens)
+
+    @property
+    def steps(self) -> int:
+        """The model calls made for the answer: 0 for a fixed reply."""
+        if self._loop is not None:
+            return self._loop.steps
+        return 0 if self._fixed is not None else 1
+
+    @property
+    def tool_calls(self) -> tuple[ToolAnswered, ...]:
+        return tuple(self._loop.calls) if self._loop is not None else ()
 
     def take_route(self, decision: Decision) -> list[Event]:
         """Answer as ``decision`` says: with a route's agent (its prompt, its sources) or a
         fixed reply; the events that tell the client so.
-
-        :raise AgentNotRunnable: 501, the route's agent uses what is not run yet.
         """
         assert self.routing is not None
         self.route = decision
@@ -165,20 +181,11 @@ class Turn:
         return plan.events
 
     def _route_direct(self, watch: TurnWatch) -> None:
-        """Route a turn that writes nothing while it waits: the keywords, else the
-        classifier's answer, else (a classification that failed) the fallback."""
+        """Route a turn that writes nothing while it waits; its classifier call is gathered."""
         assert self.routing is not None
-        decision = self.routing.by_keyword()
-        if decision is None:
-            try:
-                answer = self._gather(self._turns.provider, self.routing.classifier_call(),
-                                      watch)
-                decision = self.routing.read(answer.content)
-            except ProviderError:
-                if self.abort.requested:
-                    raise
-                decision = self.routing.fallback()
-        self.take_route(decision)
+        provider = self._turns.provider
+        self.take_route(self.routing.decide(
+            lambda call: self._gather(provider, call, watch).content, self.abort))
 
     @property
     def cancelled(self) -> bool:
@@ -265,70 +272,14 @@ class Turn:
         if self.routing is not None:
             self._route_direct(watch)
         call, streamer = self.build_call(), self.streamer()
-        self._stream = self.run(lambda abort: streamer.stream_chat(call, abort))
+        self._stream = self._answer_only(
+            self.run(lambda abort: streamer.stream_chat(call, abort)), watch)
         self._upstream = self._stream
 
     def relay(self, encoder: Encoder) -> Iterator[bytes]:
-        """Yield the reply's chunks as ``encoder`` writes them, as they arrive; a failure
-        after the first byte is the encoder's ``Failed`` event. A client that goes away shows
-        up here as ``GeneratorExit`` at the next write, or, between tokens, as the call that
-        the watch stopped: the answer so far is remembered as partial."""
+        """The plain-text stream of ``start``'s reply, as ``encoder`` writes it (text.py)."""
         assert self._stream is not None and self.watch is not None, "start() first"
-        watch, stream = self.watch, self._stream
-        encode, write_chunk = encoder.encode, encoder.chunk_writer()
-        pieces: list[str] = []
-        chunks = 0
-        last: ChatChunk | None = None
-        failed = False
-        try:
-            for chunk in stream:
-                chunks += 1
-                watch.last_chunk = now = time.monotonic()
-                last = chunk
-                if chunk.content:
-                    pieces.append(chunk.content)
-                data = encode(Done(chunk, self.conversation_id, {})) if chunk.done \
-                    else write_chunk(chunk)
-                if data:
-                    watch.last_write = now
-                    # A client that reads slowly holds the write up; that is not Ollama idling.
-                    watch.writing = True
-                    yield data
-                    watch.writing = False
-        except ProviderError as exc:
-            failure = self._failure(exc)
-            failed = failure is not None and not isinstance(
-                failure, (TurnCancelled, ServerShuttingDown))
-            if failure is not None:
-                yield encode(Failed(failure))
-        finally:
-            self._close_relay(pieces, chunks, last, failed)
-            self.release()  # now, not when the WSGI server closes the body
-
-    def _failure(self, exc: ProviderError) -> PiAgentError | None:
-        """Why a relay ended early, as its client is told; None when the client left."""
-        reason = self.abort.reason if self.abort.requested else ""
-        if reason == "client_gone":
-            logger.info("client went away between tokens")
-            return None
-        if reason in STOPPED:
-            # Cancelled or cut by a shutdown, the answer so far was seen and is remembered
-            # as partial, as on a disconnect; a timeout is a failed turn.
-            return STOPPED[reason]()
-        logger.warning("stream to the client ended by %s", type(exc).__name__)
-        return exc
-
-    def _close_relay(self, pieces: list[str], chunks: int, last: ChatChunk | None,
-                     failed: bool) -> None:
-        # Remembered before the slot is given back (release, which also closes the stream),
-        # so that the conversation's next turn finds this one in its history.
-        if last is not None and last.done and last.done_reason:
-            self.record("".join(pieces), False, last.done_reason)
-            self.count_tokens(last.completion_tokens)
-            return
-        if not failed:
-            self.record("".join(pieces), True, "")
-        self.count_tokens(chunks)  # cut short, it counts as what it relayed
+        return relay_text(self, self._stream, self.watch, encoder)
 
     def collect(self) -> ChatChunk:
         """Stream the reply and gather it whole, for a client that asked for it at once: so
@@ -346,8 +297,7 @@ class Turn:
         self.record(result.content, False, result.done_reason)
         return result
 
-    def _gather(self, streamer: Provider | FixedReply, call: ChatCall,
-                watch: TurnWatch) -> ChatChunk:
+    def _gather(self, streamer: Streamer, call: ChatCall, watch: TurnWatch) -> ChatChunk:
         """One call's reply, gathered whole; its tokens counted, also of a reply cut short.
 
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
@@ -355,7 +305,7 @@ class Turn:
         gathered = Gathered()
         stream: ChatStream | None = None
         try:
-            stream = streamer.stream_chat(call, self.abort)
+            stream = self._answer_only(streamer.stream_chat(call, self.abort), watch)
             for chunk in stream:
                 watch.last_chunk = time.monotonic()
                 gathered.add(chunk)
@@ -370,6 +320,13 @@ class Turn:
         result = gathered.whole()
         self.count_tokens(result.completion_tokens)
         return result
+
+    def _answer_only(self, stream: Reply, watch: TurnWatch) -> ChatStream:
+        """A stream of the answer's chunks alone: a tool loop's events only keep ``watch``
+        from taking a tool's time for an idle model."""
+        if isinstance(stream, ToolLoop):
+            return AnswerOnly(stream, watch.seen)
+        return cast(ChatStream, stream)  # the provider's, or a fixed reply's
 
     def _why(self, exc: ProviderError) -> PiAgentError:
         """Why a provider call failed: for a call stopped from outside, the reason."""

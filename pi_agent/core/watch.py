@@ -9,6 +9,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..errors import (
+    ClientGone,
+    PiAgentError,
+    ProviderTimeout,
+    ServerShuttingDown,
+    TurnCancelled,
+)
 from ..providers.base import Abort
 from .lifecycle import Shutdown
 
@@ -17,6 +24,14 @@ logger = logging.getLogger(__name__)
 
 # How often a turn that writes nothing for a while is checked on.
 CHECK_SECONDS = 0.5
+
+# Why a turn was stopped from outside (see TurnWatch), as the client is told.
+STOPPED: dict[str, type[PiAgentError]] = {
+    "cancelled": TurnCancelled,
+    "client_gone": ClientGone,
+    "shutting_down": ServerShuttingDown,
+    "timeout": ProviderTimeout,
+}
 
 
 def never() -> bool:
@@ -56,6 +71,11 @@ class TurnWatch:
 
     def stop(self) -> None:
         self._watchdog.remove(self)
+
+    def seen(self, at: float | None) -> None:
+        """The upstream was last seen at work ``at``; None: no idle time counts for now
+        (a tool runs, or a model call waits for its first token)."""
+        self.last_chunk = at
 
     def reason_to_stop(self, now: float) -> str:
         writing = now - self.last_write < CHECK_SECONDS / 2

@@ -23,8 +23,16 @@ from ..bodies import stream_response
 from ..client_socket import client_of
 from ..validation import parse_body
 from .agents import find_agent
-from .events import NDJSON, SSE, TEXT, EventFormat, source_info
-from .schemas import Cancelled, ChatReply, ChatRequest, RouteInfo, SourceInfo, Usage
+from .events import NDJSON, SSE, TEXT, EventFormat, source_info, tool_call_info
+from .schemas import (
+    Cancelled,
+    ChatReply,
+    ChatRequest,
+    RouteInfo,
+    SourceInfo,
+    ToolCallInfo,
+    Usage,
+)
 
 bp = Blueprint("chat", __name__)
 
@@ -103,6 +111,8 @@ def _answer(events_only: bool) -> Response:
         sources=[SourceInfo(**source_info(source)) for source in turn.sources or ()],
         route=RouteInfo(route=turn.route.route, agent=turn.route.agent, by=turn.route.by)
         if turn.route is not None else None,
+        tool_calls=[ToolCallInfo(**tool_call_info(call)) for call in turn.tool_calls],
+        steps=turn.steps,
     )
     return jsonify(reply.model_dump())
 
@@ -113,7 +123,6 @@ def _open(agent: Agent, message: str, conversation_id: str) -> Turn:
     state = current_state()
     key, client = current_key(), client_of(request.environ)
     if agent.kind == "router":
-        agent.check_runnable(routes=True)
         return state.turns.open(conversation_id, key, client, remember=message,
                                 agent=agent.name, router=agent)
     prompt, sources = prompt_for(agent, state.settings, message, state.knowledge)

@@ -15,6 +15,8 @@ from ...core.events import (
     Routed,
     Sourced,
     Started,
+    ToolAnswered,
+    ToolCalled,
 )
 from ...core.knowledge import Source
 from ...providers.base import ChatChunk
@@ -44,6 +46,14 @@ class EventFormat(Encoder):
     def sources(self, event: Sourced) -> bytes:
         return self.event("sources", {"sources": [source_info(s) for s in event.sources]})
 
+    def tool_call(self, event: ToolCalled) -> bytes:
+        return self.event("tool_call", {"id": event.id, "name": event.name,
+                                        "arguments": event.arguments})
+
+    def tool_result(self, event: ToolAnswered) -> bytes:
+        return self.event("tool_result", {"id": event.id, "name": event.name, "ok": event.ok,
+                                          "content": event.content, "ms": event.ms})
+
     def chunk(self, chunk: ChatChunk) -> bytes:
         # Thinking chunks carry no content: they are not part of the answer.
         return self.event("token", {"content": chunk.content}) if chunk.content else b""
@@ -55,7 +65,8 @@ class EventFormat(Encoder):
                  "total_tokens": chunk.prompt_tokens + chunk.completion_tokens}
         return self.chunk(chunk) + self.event("done", {
             "conversation_id": event.conversation_id, "done_reason": chunk.done_reason,
-            "usage": usage, "timings": event.timings})
+            "usage": usage, "timings": event.timings, "steps": event.steps,
+            "tool_calls": [tool_call_info(call) for call in event.tool_calls]})
 
     def error(self, event: Failed) -> bytes:
         return self.event("error", {"code": event.error.error_code,
@@ -100,3 +111,9 @@ def source_info(source: Source) -> dict[str, Any]:
     """A source as the ``sources`` event and the JSON reply show it."""
     return {"id": source.id, "title": source.title, "path": source.path,
             "snippet": source.snippet, "score": source.score}
+
+
+def tool_call_info(call: ToolAnswered) -> dict[str, Any]:
+    """A tool call run for the answer, as the ``done`` event and the JSON reply list it."""
+    return {"id": call.id, "name": call.name, "arguments": call.arguments, "ok": call.ok,
+            "content": call.content, "ms": call.ms}

@@ -75,6 +75,18 @@ class RouteInfo(BaseModel):
     by: str
 
 
+class ToolCallInfo(BaseModel):
+    """A tool call the gateway ran for the answer: ``content`` is at most 500 characters of
+    what the model was told (``error: <reason>`` when ``ok`` is false)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    ok: bool
+    content: str
+    ms: int
+
+
 class ChatReply(BaseModel):
     """The answer of a non-stream ``POST /chat``."""
 
@@ -88,6 +100,8 @@ class ChatReply(BaseModel):
     # The passages of the agent's documents given to the model (empty: none, or no knowledge).
     sources: list[SourceInfo]
     route: RouteInfo | None  # where a router sent the message; null for other agents
+    tool_calls: list[ToolCallInfo]  # run by the gateway for the answer, in order
+    steps: int  # the model calls made for the answer (0 for a router's fixed reply)
 
 
 class Cancelled(BaseModel):

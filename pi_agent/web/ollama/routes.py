@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from ...config import Settings
 from ...core.context import check_fits, check_text_fits
-from ...core.turn import STOPPED, Turn
+from ...core.turn import Turn
+from ...core.watch import STOPPED
 from ...errors import (
     FieldProblem,
     InvalidRequest,

@@ -15,7 +15,7 @@ from ...core.agents import Agent, base_options
 from ...core.context import check_fits
 from ...core.knowledge import Library, with_sources
 from ...core.prompt import Prompt
-from ...errors import InvalidRequest, UnknownModel
+from ...errors import AgentNotRunnable, InvalidRequest, UnknownModel
 from ...providers.base import ChatCall
 from .schemas import (
     ChatCompletionRequest,
@@ -44,7 +44,11 @@ def build_prompt(
     turns go in after the agent's system prompt, once the turn has its slot, trimmed to fit
     ``num_ctx`` beside the request's own messages.
 
+    An agent's own tools are run by the gateway when the request brings none; a request's
+    own tools go to its client as always, and the two are never mixed.
+
     :raise UnknownModel: 404 for ``agent:<name>`` with no such agent.
+    :raise AgentNotRunnable: 501 for a router, which only ``/chat`` runs.
     :raise InvalidRequest: 400 for messages Ollama cannot take.
     """
     agent: Agent | None = None
@@ -53,18 +57,10 @@ def build_prompt(
         agent = agents.get(model[len(AGENT_PREFIX):])
         if agent is None:
             raise UnknownModel(model)
-        agent.check_runnable()
+        if agent.kind == "router":
+            raise AgentNotRunnable(agent.name, "routes")
         model = agent.resolve_model(settings)
-    options = agent.resolve_options(settings) if agent else base_options(settings)
-    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
-        value = getattr(body, name)
-        if value is not None:
-            options[name] = value
-    if body.stop is not None:
-        options["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
-    limit = body.max_completion_tokens or body.max_tokens
-    if limit is not None:
-        options["num_predict"] = min(limit, settings.num_predict)
+    options = ollama_options(body, agent, settings)
 
     messages: list[dict[str, Any]] = []
     if agent is not None:
@@ -92,7 +88,25 @@ def build_prompt(
     call = ChatCall(model=model, messages=messages, options=options,
                     keep_alive=settings.keep_alive, tools=tools, format=response_format,
                     think=think)
-    return Prompt(call, history_at=history_at, fit_history=True)
+    toolbox = agent.toolbox() if agent is not None and not body.tools else None
+    return Prompt(call, history_at=history_at, fit_history=True, toolbox=toolbox)
+
+
+def ollama_options(body: ChatCompletionRequest, agent: Agent | None,
+                   settings: Settings) -> dict[str, Any]:
+    """The configured options (an agent's over them), then the request's own, with
+    ``num_predict`` never above the configured cap."""
+    options = agent.resolve_options(settings) if agent else base_options(settings)
+    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None:
+            options[name] = value
+    if body.stop is not None:
+        options["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop
+    limit = body.max_completion_tokens or body.max_tokens
+    if limit is not None:
+        options["num_predict"] = min(limit, settings.num_predict)
+    return options
 
 
 def to_ollama_messages(messages: list[Message]) -> list[dict[str, Any]]:

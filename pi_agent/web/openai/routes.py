@@ -167,14 +167,13 @@ def _for_client(exc: PiAgentError, model: str) -> PiAgentError:
 
 
 def _models(state: AppState) -> list[ModelObject]:
-    """The models and agents the key may call here: not routers or agents with tools, which
-    /v1 does not run yet."""
+    """The models and agents the key may call here: not routers, which only /chat runs."""
     key = current_key()
     models = [ModelObject(id=m.name, object="model", created=m.modified_at, owned_by="library")
               for m in state.provider.list_models() if may_use_model(key, m.name)]
     models += [ModelObject(id=AGENT_PREFIX + name, object="model", created=STARTED,
                            owned_by="pi-agent") for name, agent in state.agents.items()
-               if agent.kind == "chat" and not agent.tools and may_use_agent(key, name)
+               if agent.kind == "chat" and may_use_agent(key, name)
                and may_use_model(key, agent.resolve_model(state.settings))]
     return models
 
