@@ -70,6 +70,8 @@ def test_a_keyword_reply_is_streamed_without_a_model_call(
     whole = client.post("/chat", json={"message": "unsafe", "agent": "router"}).get_json()
     assert whole["reply"] == REFUSAL
     assert whole["route"] == {"route": "unsafe", "agent": None, "by": "keyword"}
+    assert whole["steps"] == 0 and whole["tool_calls"] == []  # no model call
+    assert events[-1][1]["steps"] == 0
     text = client.post("/chat", json={"message": "unsafe", "agent": "router", "stream": True})
     assert text.get_data(as_text=True) == REFUSAL
     assert fake_ollama.chat_requests() == []

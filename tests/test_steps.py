@@ -179,6 +179,44 @@ def test_json_that_is_no_call_is_the_answer(server: Gunicorn, fake: FakeOllama) 
     assert [d["content"] for n, d in seen if n == "token"] == ["```python\n", "print(1)\n```"]
 
 
+@pytest.mark.parametrize("written", ['{"name": ["add"]}', '{"name": {"a": 1}}',
+                                     '{"name": "add", "arguments": [1, 2]}', "{not json"])
+def test_json_text_of_any_shape_is_an_answer_not_a_failure(
+    server: Gunicorn, fake: FakeOllama, written: str
+) -> None:
+    for path, body in (("/chat/stream", {}), ("/chat", {"stream": True}), ("/chat", {})):
+        fake.steps.append(Script(tokens=[written[:3], written[3:]]))
+        response = requests.post(server.url + path, timeout=30,
+                                 json={"message": "x", "agent": "pi", **body})
+        assert response.status_code == 200, (path, body, response.text)
+        if path == "/chat/stream":
+            assert text(parse_sse(response.text)) == written
+        elif body:
+            assert response.text == written
+        else:
+            assert response.json()["reply"] == written
+
+
+def test_text_before_a_tool_call_is_shown_but_is_not_the_answer(
+    server: Gunicorn, fake: FakeOllama
+) -> None:
+    fake.steps.extend([Script(tokens=["Let me", " compute."],
+                              tool_calls=[call("add", a=40, b=2)]), ANSWER])
+    seen = events(server, conversation_id="tools-said")
+    assert names(seen) == ["start", "token", "token", "tool_call", "tool_result", "token",
+                           "token", "done"]
+    assert text(seen) == "Let me compute.The answer is 42."
+    remembered = requests.get(server.url + "/conversations/tools-said", timeout=10).json()
+    assert remembered["turns"][0]["assistant"] == "The answer is 42."
+    fake.steps.extend([Script(tokens=["Let me", " compute."],
+                              tool_calls=[call("add", a=40, b=2)]), ANSWER])
+    body = requests.post(server.url + "/chat", json={"message": "x", "agent": "pi"},
+                         timeout=30).json()
+    assert body["reply"] == "The answer is 42."
+    # The model is told what it said before its call.
+    assert fake.chat_requests()[-1]["messages"][2]["content"] == "Let me compute."
+
+
 @pytest.mark.parametrize("asked, expected", [
     (call("nope"), "error: unknown tool 'nope'"),
     (call("fails", reason="disk on fire"), "error: RuntimeError: disk on fire"),
@@ -384,6 +422,11 @@ def test_v1_runs_an_agents_tools_unless_the_request_brings_its_own(
     assert sent["tools"] == [own]
     listed = [model.id for model in client.models.list()]
     assert "agent:pi" in listed and "agent:router" not in listed
+    # tool_choice "none": an answer without tools, the agent's included.
+    fake.reset()
+    client.chat.completions.create(model="agent:pi", tool_choice="none",
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert "tools" not in fake.chat_requests()[0]
 
 
 def test_a_router_sends_a_message_to_an_agent_with_tools(

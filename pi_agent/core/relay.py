@@ -155,8 +155,9 @@ class EventRelay:
         self._classifying = False  # a router's classifier call is under way
         self._classification: list[str] = []
         # What takes the generation's next item: the answer's chunk, a classifier's, or a
-        # tool loop's chunk or event. Chosen per model call, so no token pays for a test.
-        self._take: Callable[[Any, float], bytes | None] = self._chunk
+        # tool loop's chunk or event. Chosen per model call, so no token pays for a test;
+        # kept unbound, so that the relay does not refer to itself.
+        self._take: Callable[[EventRelay, Any, float], bytes | None] = EventRelay._chunk
 
     def __iter__(self) -> Generator[bytes, None, None]:
         """Yield the events; close the upstream however the stream ends. The idle and total
@@ -240,7 +241,7 @@ class EventRelay:
             if decision is None:
                 self._classifying = True
                 self._start(turn.provider, turn.routing.classifier_call())
-                self._take = self._classified
+                self._take = EventRelay._classified
                 return b""
             return self._routed(decision)
         self._start(turn.streamer(), turn.build_call())
@@ -262,7 +263,7 @@ class EventRelay:
 
     def _start(self, streamer: Streamer, call: ChatCall) -> None:
         """One model call (a fixed reply, a tool loop), with its own first-token deadline."""
-        self._take = self._stepped if isinstance(streamer, ToolLoop) else self._chunk
+        self._take = EventRelay._stepped if isinstance(streamer, ToolLoop) else EventRelay._chunk
         self._generation = Generation(streamer, call, self._turn.abort)
         self._generation.start()
         self._phase = _GENERATING
@@ -301,7 +302,7 @@ class EventRelay:
             self._outcome = "failed"
             logger.warning("event stream ended by %s", type(item).__name__)
             return self._fail(item)
-        return self._take(item, now)
+        return self._take(self, item, now)
 
     def _reason_to_stop(self, now: float) -> bytes | None:
         """The stream's last bytes if it must stop now (``b""``: the client left), else

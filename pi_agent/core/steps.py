@@ -62,6 +62,13 @@ class ToolLoop:
         self._call: ChatCall | None = None
         self._stream: ChatStream | None = None  # the step under way
         self._events: Generator[ChatChunk | Event, None, None] | None = None
+        self._step: Step | None = None
+
+    @property
+    def answer(self) -> str:
+        """The answer's text: what the last model call showed. Text shown before a tool
+        call was seen by the client as it came, but is not the answer memory keeps."""
+        return "".join(self._step.shown) if self._step is not None else ""
 
     def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> ToolLoop:
         """Make the first model call, with the tools: a call that fails before its first
@@ -93,7 +100,7 @@ class ToolLoop:
         prompt_tokens = completion_tokens = 0
         while True:
             offered = call.tools is not None
-            step = Step(self._tools if offered else None)
+            step = self._step = Step(self._tools if offered else None)
             received = 0
             chunk = ChatChunk()
             try:
@@ -107,8 +114,8 @@ class ToolLoop:
                     elif chunk.content:
                         yield HELD
             finally:
+                self._abort.set_handler(None)  # before its connection goes back to the pool
                 stream.close()
-                self._abort.set_handler(None)  # the connection may go back to the pool
                 self._count(chunk.completion_tokens if chunk.done else received)
             if not chunk.done:
                 raise UpstreamProtocolError()  # a stream ends with its done chunk
@@ -126,7 +133,16 @@ class ToolLoop:
                 call = replace(call, tools=None)
             self.steps += 1
             yield Stepped(self.steps)
-            stream = self._stream = self._provider.stream_chat(call, self._abort)
+            stream = self._stream = self._open(call)
+
+    def _open(self, call: ChatCall) -> ChatStream:
+        """The next model call; one that fails leaves no abort handler on a connection that
+        went back to the pool (the turn's stop would shut it under another turn)."""
+        try:
+            return self._provider.stream_chat(call, self._abort)
+        except BaseException:
+            self._abort.set_handler(None)
+            raise
 
     def _act(self, calls: list[ToolCall], text: str,
              ) -> Generator[Event, None, list[dict[str, Any]]]:
@@ -168,7 +184,7 @@ class ToolLoop:
         """
         tool = self._tools.get(call.name)
         if tool is None:
-            return False, f"error: unknown tool {call.name!r}"
+            return False, f"error: unknown tool {call.name[:100]!r}"
         outcome: list[tuple[bool, str]] = []
         finished = threading.Event()
 
@@ -207,7 +223,9 @@ class Step:
         self._tools = tools  # None: the call offers no tools, and nothing is held back
         self._texts: list[str] = []
         self._held = tools is not None  # until the text shows it is not a call
+        self._object = False  # the held text has begun a JSON object: held to the end
         self._calls: list[ToolCall] = []
+        self.shown: list[str] = []  # the text handed on as the answer's
 
     @property
     def text(self) -> str:
@@ -221,12 +239,22 @@ class Step:
         if not chunk.content:
             return chunk if chunk.thinking else None
         self._texts.append(chunk.content)
-        if not self._held:
-            return chunk
-        if could_be_call(self.text):
-            return None
-        self._held = False
-        return ChatChunk(self.text, chunk.thinking)
+        if self._held and self._still_held():
+            return ChatChunk("", chunk.thinking) if chunk.thinking else None
+        if self._held:
+            self._held = False
+            chunk = ChatChunk(self.text, chunk.thinking)
+        self.shown.append(chunk.content)
+        return chunk
+
+    def _still_held(self) -> bool:
+        if self._object:
+            return True  # decided once: the text is not looked at again per token
+        text = self.text
+        if not could_be_call(text):
+            return False
+        self._object = "{" in text
+        return True
 
     def finish(self, last: ChatChunk) -> list[ToolCall]:
         """The calls the step asked for: Ollama's own, else its whole text as a JSON call."""
@@ -244,7 +272,9 @@ class Step:
 
     def released(self, last: ChatChunk) -> str:
         """The text the final chunk carries: what was held back, or the last chunk's own."""
-        return self.text if self._held else last.content
+        text = self.text if self._held else last.content
+        self.shown.append(text)
+        return text
 
 
 def could_be_call(text: str) -> bool:
@@ -275,7 +305,8 @@ def read_text_call(text: str, tools: dict[str, Tool]) -> ToolCall | None:
         data = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(data, dict) or data.get("name") not in tools:
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) \
+            or data["name"] not in tools:
         return None
     arguments = data.get("arguments", data.get("parameters"))
     if arguments is None:

@@ -211,6 +211,8 @@ class Turn:
         """Remember the answer with the user's message. Only an answer the model gave to a
         user's message is remembered: an empty one, or a /v1 request without a user message,
         is not."""
+        if self._loop is not None:
+            answer = self._loop.answer  # not the text shown before a tool call
         if self._memory is not None and answer and self._remember:
             self._memory.append_turn(
                 self.conversation_id,
@@ -294,6 +296,8 @@ class Turn:
         if self.routing is not None:
             self._route_direct(watch)
         result = self._gather(self.streamer(), self.build_call(), watch)
+        if self._loop is not None:
+            result.content = self._loop.answer  # not the text shown before a tool call
         self.record(result.content, False, result.done_reason)
         return result
 

@@ -88,7 +88,9 @@ def build_prompt(
     call = ChatCall(model=model, messages=messages, options=options,
                     keep_alive=settings.keep_alive, tools=tools, format=response_format,
                     think=think)
-    toolbox = agent.toolbox() if agent is not None and not body.tools else None
+    # tool_choice "none" asks for an answer without tools: the agent's are not offered either.
+    toolbox = None if agent is None or body.tools or body.tool_choice == "none" \
+        else agent.toolbox()
     return Prompt(call, history_at=history_at, fit_history=True, toolbox=toolbox)
 
 
