@@ -6,6 +6,17 @@ that wait for their next token share one ticker per token delay, so a thousand s
 one timer, not a thousand. ``POST /_bench/config`` sets the reply: tokens, the delay between
 them and the delay before the first.
 
+With ``prefill`` in the configuration it also models what matters on a Pi, the time to read
+a prompt: each of its ``slots`` (Ollama's ``OLLAMA_NUM_PARALLEL``) keeps its last prompt and
+reply as tokens (a piece of a word of at most 4 letters, or a message's role marker), a new
+prompt goes to the slot that shares the longest prefix with it and only the rest is read
+(Ollama's runner cache), a prompt longer than the request's ``num_ctx`` loses its oldest
+messages but the system ones and the last (Ollama's ``chatPrompt``), and the reply waits
+for the tokens read at ``prompt_rate`` and those made at ``gen_rate``, both sped up by
+``speedup``.
+``prompt_eval_count`` is the tokens read; ``GET /_bench/stats`` hands over (and forgets)
+what each chat call read.
+
 Run: ``python -m bench.fake_ollama --port 0``; it prints ``listening on PORT`` when ready.
 """
 from __future__ import annotations
@@ -17,6 +28,7 @@ import uvloop
 import json
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 TOKEN = "tok "
 CREATED_AT = "2026-01-01T00:00:00.000000Z"
@@ -27,6 +39,70 @@ class Reply:
     tokens: int = 200
     token_delay: float = 0.0
     first_token_delay: float = 0.0
+    prefill: dict[str, float] | None = None  # prompt_rate, gen_rate, speedup, slots
+
+
+def tokenize(messages: list[dict[str, Any]], generate: bool = False) -> list[str]:
+    """A chat prompt as tokens: each message's role marker, then its words cut in pieces of
+    at most 4 letters (about what tokenizers make of English); ``generate`` ends it with
+    the marker the reply follows, as a chat template does."""
+    tokens: list[str] = []
+    for message in messages:
+        tokens.append(f"<{message.get('role')}>")
+        for word in str(message.get("content") or "").split():
+            tokens += [word[i:i + 4] for i in range(0, len(word), 4)]
+    return tokens + ["<assistant>"] if generate else tokens
+
+
+def fit_context(messages: list[dict[str, Any]], num_ctx: int) -> tuple[list[dict[str, Any]], bool]:
+    """Ollama's cut of a prompt past ``num_ctx``: the oldest messages go, but never the
+    system ones or the last one; whether anything was cut."""
+    kept = list(messages)
+    cut = False
+    while len(tokenize(kept, generate=True)) > num_ctx:
+        oldest = next((i for i, m in enumerate(kept[:-1]) if m.get("role") != "system"), None)
+        if oldest is None:
+            break
+        del kept[oldest]
+        cut = True
+    return kept, cut
+
+
+class Prefill:
+    """The slots of a model runner and what each has in its cache. With more than one
+    slot, a prompt that would cut a slot's cache short goes to the least recently used
+    slot instead, with the shared prefix copied there (Ollama's multi-user cache)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots: list[list[str]] = [[] for _ in range(max(1, slots))]
+        self.used = list(range(len(self.slots)))  # least recently used first
+        self.stats: list[dict[str, Any]] = []
+
+    def read(self, request: dict[str, Any], reply_tokens: int) -> int:
+        """The tokens of the request's prompt that must be read (not in a slot's cache)."""
+        num_ctx = int((request.get("options") or {}).get("num_ctx") or 2048)
+        messages, cut = fit_context(list(request.get("messages") or []), num_ctx)
+        prompt = tokenize(messages, generate=True)
+        shared = [_common(slot, prompt) for slot in self.slots]
+        best = max(range(len(self.slots)), key=lambda i: (shared[i], -self.used.index(i)))
+        cached = shared[best]
+        if cached == 0 or (len(self.slots) > 1 and cached < len(self.slots[best])):
+            best = self.used[0]
+        self.used.remove(best)
+        self.used.append(best)
+        self.slots[best] = prompt + ["tok"] * reply_tokens
+        read = len(prompt) - cached
+        self.stats.append({"prompt": len(prompt), "read": read, "cut": cut})
+        return read
+
+
+def _common(a: list[str], b: list[str]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _frame(data: bytes) -> bytes:
@@ -81,11 +157,36 @@ class FakeOllama:
         self.reply = Reply()
         self._frames: dict[str, _Frames] = {}
         self._tickers: dict[float, list[_Stream]] = {}
+        self.prefill: Prefill | None = None
         self.configure(Reply())
 
     def configure(self, reply: Reply) -> None:
         self.reply = reply
         self._frames = {kind: _Frames(kind, reply) for kind in ("chat", "generate")}
+        self.prefill = Prefill(int(reply.prefill.get("slots", 1))) if reply.prefill else None
+
+    def answer_prefilled(self, transport: asyncio.Transport, request: dict[str, Any],
+                         stream: bool) -> None:
+        """A chat reply after the time the model would take to read the prompt and write."""
+        assert self.prefill is not None and self.reply.prefill is not None
+        reply, rates = self.reply, self.reply.prefill
+        read = self.prefill.read(request, reply.tokens)
+        delay = (read / rates["prompt_rate"] + reply.tokens / rates["gen_rate"]) \
+            / rates["speedup"]
+        message = {"role": "assistant", "content": TOKEN * reply.tokens}
+        final = {"model": "m", "created_at": CREATED_AT, "message": message, "done": True,
+                 "done_reason": "stop", "total_duration": 1, "prompt_eval_count": read,
+                 "eval_count": reply.tokens}
+        if stream:
+            frames = self._frames["chat"]
+            final["message"] = {"role": "assistant", "content": ""}
+            data = frames.head + frames.token * reply.tokens + _frame(_line(final)) \
+                + b"0\r\n\r\n"
+        else:
+            body = json.dumps(final, separators=(",", ":")).encode()
+            data = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        asyncio.get_running_loop().call_later(delay, _write, transport, data)
 
     def answer(self, transport: asyncio.Transport, kind: str, stream: bool) -> None:
         frames = self._frames[kind]
@@ -171,7 +272,15 @@ class _Connection(asyncio.Protocol):
         if method == "POST" and path in ("/api/chat", "/api/generate"):
             request = json.loads(body or b"{}")
             kind = "chat" if path == "/api/chat" else "generate"
-            self.fake.answer(self.transport, kind, request.get("stream", True) is not False)
+            stream = request.get("stream", True) is not False
+            if self.fake.prefill is not None and kind == "chat":
+                self.fake.answer_prefilled(self.transport, request, stream)
+            else:
+                self.fake.answer(self.transport, kind, stream)
+        elif path == "/_bench/stats":
+            stats = self.fake.prefill.stats if self.fake.prefill is not None else []
+            self._send(json.dumps(stats).encode())
+            stats.clear()
         elif method == "POST" and path == "/_bench/config":
             self.fake.configure(Reply(**json.loads(body)))
             self._send(b"{}")

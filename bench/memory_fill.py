@@ -50,7 +50,11 @@ def measure(start: Callable[..., Any], configure: Callable[[int, float], None],
             http_call: Callable[..., tuple[int, bytes]], budget: int = 0) -> list[dict[str, Any]]:
     """Fill a fresh gateway's memory with each kind of message; ``budget`` 0 is the
     default one (``--quick`` uses a smaller one, set through the environment)."""
-    settings = {"PI_AGENT_MEMORY_MAX_BYTES": str(budget)} if budget else {}
+    # A context that holds ten such turns: the history's token budget (core/context.py)
+    # would otherwise keep one turn of 8,000 bytes a conversation, and memory never fill.
+    settings = {"PI_AGENT_NUM_CTX": "65536"}
+    if budget:
+        settings["PI_AGENT_MEMORY_MAX_BYTES"] = str(budget)
     budget = budget or BUDGET
     rows = []
     for kind, message in MESSAGES.items():

@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import knowledge_search, memory_fill, procstat
+from . import knowledge_search, memory_fill, pi_prefill, procstat
 from .loadgen import Load, Result, Target, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -654,6 +654,8 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{harness}."]
     if report.get("memory_fill"):
         lines += memory_fill.markdown(report["memory_fill"])
+    if report.get("prefill"):
+        lines += pi_prefill.markdown(report["prefill"])
     if report.get("knowledge_search"):
         lines += knowledge_search.markdown(report["knowledge_search"])
     return "\n".join(lines) + "\n"
@@ -675,7 +677,8 @@ def main() -> None:
                              "older commit), in the same run")
     args = parser.parse_args()
     scenarios = [s for s in SCENARIOS if args.only in s.name]
-    if not scenarios and args.only not in "memory" and args.only not in "knowledge":
+    extra_names = ("memory", "knowledge", "prefill")
+    if not scenarios and not any(args.only in extra for extra in extra_names):
         parser.error(f"no scenario has {args.only!r} in its name")
     args.out.mkdir(parents=True, exist_ok=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -698,6 +701,14 @@ def main() -> None:
         info: dict[str, dict[str, Any]] = {}
         if scenarios:
             rows, info = uvloop.run(run_scenarios(starters, fake, args.quick, scenarios, rounds))
+        prefilled: list[dict[str, Any]] = []
+        if args.only in "prefill":  # the gateways alone: the proxies keep no memory
+            prefilled = pi_prefill.measure(
+                {name: start for name, start in starters.items() if name.startswith("pi-agent")},
+                lambda config: http_call(fake.port, "POST", "/_bench/config",
+                                         json.dumps(config).encode()) and None,
+                lambda: json.loads(http_call(fake.port, "GET", "/_bench/stats")[1]),
+                http_call, args.quick)
         filled = []
         if args.only in "memory":  # also with no --only: "" is in every name
             filled = memory_fill.measure(starters["pi-agent"],
@@ -717,13 +728,16 @@ def main() -> None:
         "rows": rows,
         "comparison": compare(rows, list(info)),
         "memory_fill": filled,
+        "prefill": prefilled,
         "knowledge_search": searched,
         "elapsed_s": time.perf_counter() - started,
     }
-    if not rows:  # --only memory, --only knowledge
+    extras = ((memory_fill.markdown(filled) if filled else [])
+              + (pi_prefill.markdown(prefilled) if prefilled else [])
+              + (knowledge_search.markdown(searched) if searched else []))
+    if not rows:  # --only memory, --only prefill, --only knowledge
         (args.out / "extras.json").write_text(json.dumps(report, indent=2))
-        print("\n".join((memory_fill.markdown(filled) if filled else [])
-                        + (knowledge_search.markdown(searched) if searched else [])))
+        print("\n".join(extras))
         return
     report["goals"] = check_goals(report)
     (args.out / "latest.json").write_text(json.dumps(report, indent=2))

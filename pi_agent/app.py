@@ -85,6 +85,7 @@ def build_state(settings: Settings) -> AppState:
             max_conversations=settings.memory_max_conversations,
             max_bytes=settings.memory_max_bytes,
             max_per_key=settings.memory_max_per_key,
+            keep_on_drop=settings.memory_keep_on_drop,
         )
     keys = None
     if settings.keys_file and settings.auth == "on":

@@ -151,6 +151,7 @@ class Settings:
     keep_alive: int | str = _setting("30m", _keep_alive)
     enable_memory: bool = _setting(True, _boolean)
     memory_max_turns: int = _setting(10, _integer(1, 1000))
+    memory_keep_on_drop: int = _setting(1, _integer(1, 1000))
     memory_ttl_minutes: float = _setting(60.0, _number(0, 10**6, low_open=True))
     memory_max_conversations: int = _setting(1000, _integer(1, 1_000_000))
     memory_max_bytes: int = _setting(32 * 1024 * 1024, _integer(64 * 1024, 1 << 40))

@@ -14,13 +14,15 @@ from .config import LOCAL_ID
 class Turn:
     """One exchange: what the user said and what the model answered.
 
-    ``partial`` marks an answer cut short because the client went away mid-stream.
+    ``partial`` marks an answer cut short because the client went away mid-stream;
+    ``tokens`` is what the turn takes in a prompt (0: not known, to be estimated).
     """
 
     user: str
     assistant: str
     partial: bool = False
     done_reason: str = "stop"
+    tokens: int = 0
 
 
 class _Conversation:
@@ -41,7 +43,9 @@ def _size(turn: Turn) -> int:
 class MemoryStore:
     """Keep the recent turns of many conversations, bounded five ways.
 
-    At most ``max_turns`` turns per conversation (the oldest go first), conversations idle
+    At most ``max_turns`` turns per conversation: one more drops the oldest in one block,
+    keeping the newest ``keep_on_drop`` (so that the prompts between two drops each begin
+    with the one before, which Ollama has in its cache); conversations idle
     for longer than ``ttl_seconds`` are forgotten, and beyond ``max_conversations`` the least
     recently used one is evicted. What is kept is bounded in bytes too: ``max_bytes``
     counts the UTF-8 bytes of every remembered message and conversation id (an emoji counts
@@ -64,8 +68,11 @@ class MemoryStore:
         max_bytes: int = 32 * 1024 * 1024,
         max_per_key: int = 100,
         clock: Callable[[], float] = time.monotonic,
+        keep_on_drop: int = 1,
     ) -> None:
         self.max_turns = max_turns
+        # At least the turn just remembered stays; at most all but the oldest.
+        self.keep_on_drop = max(1, min(keep_on_drop, max_turns - 1))
         self.ttl_seconds = ttl_seconds
         self.max_conversations = max_conversations
         self.max_bytes = max_bytes
@@ -113,8 +120,19 @@ class MemoryStore:
             conversation.turns.append((turn, size))
             self._count(conversation, size)
             if len(conversation.turns) > self.max_turns:
-                self._drop_oldest_turn(conversation)
+                while len(conversation.turns) > self.keep_on_drop:
+                    self._drop_oldest_turn(conversation)
             self._fit_budget(conversation_id, conversation)
+
+    def drop_oldest(self, conversation_id: str, count: int) -> None:
+        """Forget the ``count`` oldest turns of a conversation: those a call left out for
+        its token budget, so that the next call's prompt begins with this one's."""
+        with self._lock:
+            conversation = self._conversations.get(conversation_id)
+            if conversation is None:
+                return
+            for _ in range(min(count, len(conversation.turns))):
+                self._drop_oldest_turn(conversation)
 
     def owner(self, conversation_id: str) -> str | None:
         """The id of the key whose conversation it is; None if it is not remembered."""

@@ -270,7 +270,8 @@ def test_memory_is_bounded_in_bytes_and_per_key(
     fake.script = Script(tokens=["y" * 1000] * 4)
     with serving(tmp_path / "server.log", OLLAMA_URL=upstream.url,
                  KEYS_FILE=str(tmp_path / "keys.json"), MEMORY_MAX_PER_KEY="3",
-                 MEMORY_MAX_BYTES="65536", MAX_MESSAGE_CHARS="4000") as server:
+                 MEMORY_MAX_BYTES="65536", MAX_MESSAGE_CHARS="4000",
+                 NUM_CTX="65536") as server:  # the bytes bound memory, not the context
 
         def chat(key: str, conversation_id: str, message: str) -> None:
             response = requests.post(server.url + "/chat", headers={"X-API-Key": keys[key]},

@@ -43,6 +43,15 @@ def test_quick_benchmark_runs_clean(tmp_path: Path) -> None:
         assert row["errors"] == 0, row
         assert 0.9 * row["budget_mib"] <= row["kept_mib"] <= row["budget_mib"], row
         assert row["full_rss_mib"] > 0
+    # Conversations against the fake's prefill model: between two drops of the history,
+    # each prompt is the last one and its reply, so a conversation alone reads little more
+    # than its new messages (the first turn reads the system prompt too).
+    prefill = {row["run"]: row for row in report["prefill"] if row["gateway"] == "pi-agent"}
+    assert list(prefill) == ["one conversation at a time", "three interleaved, one slot",
+                             "three interleaved, three slots"]
+    alone, shared = prefill["one conversation at a time"], prefill["three interleaved, one slot"]
+    assert alone["cut"] == 0 and 1 <= alone["vs_ideal"] < 2, alone
+    assert shared["read_mean"] > alone["read_mean"]  # one slot: they evict each other
     # The knowledge search ran over its 1,000 passages and found sources for its questions.
     searched = report["knowledge_search"]
     assert searched["passages"] == 1000 and searched["queries"] > 0

@@ -47,6 +47,7 @@ def test_reply_has_every_field(client: FlaskClient, fake_ollama: FakeOllama) -> 
         "route": None,  # nor is it a router
         "tool_calls": [],  # nor has it tools
         "steps": 1,
+        "history": {"turns": 0, "dropped": 0},  # a new conversation
     }
     assert response.headers["X-Conversation-Id"] == body["conversation_id"]
 

@@ -28,11 +28,36 @@ def test_unknown_conversation_is_empty() -> None:
     assert make_store().get_history("nope") == []
 
 
-def test_keeps_the_newest_turns_in_order() -> None:
+def test_past_max_turns_the_oldest_go_in_one_block() -> None:
     store = make_store()
-    for i in range(5):
+    seen = []
+    for i in range(7):
         store.append_turn("c", Turn(f"q{i}", f"a{i}"))
-    assert [t.user for t in store.get_history("c")] == ["q2", "q3", "q4"]
+        seen.append([t.user for t in store.get_history("c")])
+    # Three turns at most; a fourth drops all but the newest at once, so that between two
+    # drops every history begins with the one before (Ollama's cache reads only the rest).
+    assert seen == [["q0"], ["q0", "q1"], ["q0", "q1", "q2"], ["q3"], ["q3", "q4"],
+                    ["q3", "q4", "q5"], ["q6"]]
+    two = make_store(keep_on_drop=2)
+    for i in range(4):
+        two.append_turn("c", Turn(f"q{i}", f"a{i}"))
+    assert [t.user for t in two.get_history("c")] == ["q2", "q3"]
+    # The turn just remembered always stays, also with one turn at most.
+    one = make_store(max_turns=1, keep_on_drop=5)
+    for i in range(3):
+        one.append_turn("c", Turn(f"q{i}", f"a{i}"))
+        assert [t.user for t in one.get_history("c")] == [f"q{i}"]
+
+
+def test_drop_oldest_forgets_a_block() -> None:
+    store = make_store()
+    for i in range(3):
+        store.append_turn("c", Turn(f"q{i}", f"a{i}"))
+    store.drop_oldest("c", 2)
+    assert [t.user for t in store.get_history("c")] == ["q2"]
+    store.drop_oldest("c", 5)
+    store.drop_oldest("nope", 1)
+    assert store.get_history("c") == [] and store.bytes_used == len(b"c")
 
 
 def test_partial_turn_is_marked() -> None:
@@ -187,8 +212,9 @@ def test_forget_expiry_and_turn_bound_give_bytes_back() -> None:
     for i in range(5):
         store.append_turn("c", Turn(f"q{i}", "answer"))
     store.append_turn("d", Turn("q", "a"))
-    assert store.bytes_used == recount(store) == 1 + 2 * 8 + 1 + 2
-    assert store.forget("d") and store.bytes_used == 17
+    # c keeps one turn (q4: the drops went in blocks), d its one.
+    assert store.bytes_used == recount(store) == 1 + 8 + 1 + 2
+    assert store.forget("d") and store.bytes_used == 9
     clock.now += 61
     assert len(store) == 0 and store.bytes_used == 0
 

@@ -183,17 +183,18 @@ def test_parameters_are_mapped_to_ollama(client: openai.OpenAI, fake: FakeOllama
 def test_long_messages_and_the_context(client: openai.OpenAI, fake: FakeOllama,
                                        conversation_id: str) -> None:
     header = {"X-Conversation-Id": conversation_id}
-    first, second = "x" * 7000, "y" * 7000  # each more than /chat takes, within 2048 tokens
+    first, second = "x" * 4200, "y" * 4200  # each more than /chat takes, within 2048 tokens
     assert ask(client, first, extra_headers=header).choices[0].message.content
     ask(client, second, extra_headers=header)
-    # Both turns together would not fit: the remembered one is left out, oldest first.
+    # Both turns together would not fit beside the reply (num_predict 512): the remembered
+    # one is left out, and forgotten.
     assert [m["content"] for m in fake.chat_requests()[-1]["messages"]] == [second]
     ask(client, "short", extra_headers=header)
     assert [m["content"] for m in fake.chat_requests()[-1]["messages"]] == [
         second, "Hello, world!", "short"]
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=MODEL, messages=[
-            {"role": "system", "content": "s" * 6000}, {"role": "user", "content": first}])
+            {"role": "system", "content": "s" * 6000}, {"role": "user", "content": first * 2}])
     assert refused.value.code == "context_length_exceeded"
     assert refused.value.param == "messages"
     assert "context of 2048 (num_ctx)" in refused.value.message

@@ -102,13 +102,15 @@ class Done:
     """The reply ended. ``chunk`` is its last chunk (it may carry text too), with the
     counts of every model call of the turn; ``timings`` are milliseconds: queue_ms,
     first_token_ms, total_ms. ``steps`` counts the model calls made for the answer (0 for
-    a fixed reply); ``tool_calls`` are the tool calls run for it."""
+    a fixed reply); ``tool_calls`` are the tool calls run for it; ``history`` the remembered
+    turns that went into the call and those its budget left out."""
 
     chunk: ChatChunk
     conversation_id: str
     timings: dict[str, int]
     steps: int = 1
     tool_calls: tuple[ToolAnswered, ...] = ()
+    history: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from ..config import Settings
 from ..memory import Turn as Remembered
 from ..providers.base import ChatCall
 from .agents import Agent
-from .context import trim_history
+from .context import history_budget, history_start, turn_tokens
 from .conversation import build_call, remembered_messages
 from .knowledge import Library, Source
 from .tools import Toolbox
@@ -26,27 +26,42 @@ class Client:
 
 
 @dataclass(frozen=True)
+class Fitted:
+    """A call with the history that fits its budget: ``turns`` remembered turns went in,
+    the ``dropped`` oldest ones were left out (and are to be forgotten)."""
+
+    call: ChatCall
+    turns: int
+    dropped: int
+
+
+@dataclass(frozen=True)
 class Prompt:
     """The call to the model as the request asks for it. The conversation's remembered
-    turns go in at ``history_at`` once the turn holds its slot; ``fit_history`` drops the
-    oldest of them that would not fit ``num_ctx`` beside the request's messages (``/v1``,
-    whose clients send whole conversations); ``/chat`` sends what memory kept. With a
-    ``toolbox``, the gateway runs the agent's tools between model calls."""
+    turns go in at ``history_at`` once the turn holds its slot, as many as fit beside the
+    call's own messages and its reply (context.py). With a ``toolbox``, the gateway runs
+    the agent's tools between model calls."""
 
     call: ChatCall
     history_at: int = 0
-    fit_history: bool = False
     toolbox: Toolbox | None = None  # an agent's tools, run by the gateway (steps.py)
 
-    def with_history(self, history: list[Remembered]) -> ChatCall:
+    def with_history(self, history: list[Remembered], keep: int) -> Fitted:
+        """The call with the newest remembered turns that fit; over the budget, the oldest
+        go in one block, all but the newest ``keep`` (fewer if those do not fit)."""
         if not history:
-            return self.call
-        messages = remembered_messages(history)
-        if self.fit_history:
-            messages = trim_history(messages, self.call.messages, self.call.options["num_ctx"])
-        given = self.call.messages
+            return Fitted(self.call, 0, 0)
+        call = self.call
+        tools = self.toolbox.definitions() if self.toolbox is not None else call.tools
+        budget = history_budget(call.messages, call.options["num_ctx"],
+                                call.options["num_predict"], tools)
+        costs = [turn.tokens or turn_tokens(turn.user, turn.assistant) for turn in history]
+        start = history_start(costs, budget, keep)
+        messages = remembered_messages(history[start:])
         at = self.history_at
-        return replace(self.call, messages=[*given[:at], *messages, *given[at:]])
+        return Fitted(replace(call, messages=[*call.messages[:at], *messages,
+                                              *call.messages[at:]]),
+                      len(history) - start, start)
 
 
 def prompt_for(agent: Agent, settings: Settings, message: str,

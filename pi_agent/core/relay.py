@@ -102,6 +102,8 @@ class RelayedTurn(Protocol):
     @property
     def steps(self) -> int: ...
 
+    history: tuple[int, int]
+
     @property
     def tool_calls(self) -> tuple[ToolAnswered, ...]: ...
 
@@ -114,7 +116,8 @@ class RelayedTurn(Protocol):
 
     def build_call(self) -> ChatCall: ...
 
-    def record(self, answer: str, partial: bool, done_reason: str) -> None: ...
+    def record(self, answer: str, partial: bool, done_reason: str,
+               answer_tokens: int = 0) -> None: ...
 
     def release(self) -> None: ...
 
@@ -333,12 +336,13 @@ class EventRelay:
         self._outcome = "done"
         self._phase = _ENDED
         turn = self._turn
-        turn.record("".join(self._pieces), False, chunk.done_reason)
+        turn.record("".join(self._pieces), False, chunk.done_reason, chunk.completion_tokens)
         turn.count_tokens(chunk.completion_tokens)
         # The last chunk may carry text too: the encoder writes it with the end.
         return self._encode(Done(chunk, turn.conversation_id, {
             "queue_ms": self._queue_ms, "first_token_ms": self._first_token_ms,
-            "total_ms": _ms(time.monotonic() - self._started)}, turn.steps, turn.tool_calls))
+            "total_ms": _ms(time.monotonic() - self._started)}, turn.steps, turn.tool_calls,
+            turn.history))
 
     def _stepped(self, item: ChatChunk | Event, now: float) -> bytes | None:
         """A tool loop's chunk, or one of its events: a tool runs within its own timeout

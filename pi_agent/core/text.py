@@ -23,7 +23,8 @@ class TextTurn(Protocol):
     conversation_id: str
     abort: Abort
 
-    def record(self, answer: str, partial: bool, done_reason: str) -> None: ...
+    def record(self, answer: str, partial: bool, done_reason: str,
+               answer_tokens: int = 0) -> None: ...
 
     def count_tokens(self, tokens: int) -> None: ...
 
@@ -86,7 +87,7 @@ def _close(turn: TextTurn, pieces: list[str], chunks: int, last: ChatChunk | Non
     # Remembered before the slot is given back (release, which also closes the stream), so
     # that the conversation's next turn finds this one in its history.
     if last is not None and last.done and last.done_reason:
-        turn.record("".join(pieces), False, last.done_reason)
+        turn.record("".join(pieces), False, last.done_reason, last.completion_tokens)
         turn.count_tokens(last.completion_tokens)
         return
     if not failed:

@@ -41,6 +41,7 @@ from ..security.keys import ApiKey
 from ..security.limits import Limits
 from .admission import Admission
 from .agents import Agent
+from .context import turn_tokens
 from .events import Encoder, Event, ToolAnswered
 from .generation import Gathered, Reply, Streamer
 from .knowledge import Library, Source
@@ -126,6 +127,8 @@ class Turn:
         self.abort = Abort()
         self._cancel.attach(self.abort)
         self.watch: TurnWatch | None = None
+        # The remembered turns that went into the call, and those left out of it.
+        self.history = (0, 0)
         self._stream: ChatStream | None = None  # the reply that relay() writes
         # The open upstream call, closed by release at the latest.
         self._upstream: ChatStream | Forwarded | None = None
@@ -201,23 +204,34 @@ class Turn:
 
     def build_call(self) -> ChatCall:
         """The call to the model, with the conversation's history as it is now: read once
-        the turn holds its slot, so that it has the previous turn's answer."""
+        the turn holds its slot, so that it has the previous turn's answer. The turns that
+        do not fit its budget are left out in one block, and forgotten with the answer
+        (``record``): the next call's prompt then begins with this one's (context.py)."""
         assert self._prompt is not None, "a turn that relays Ollama's bytes has no prompt"
-        if self._memory is None:
+        if self._memory is None or self._fixed is not None:  # a fixed reply reads no history
             return self._prompt.call
-        return self._prompt.with_history(self._memory.get_history(self.conversation_id))
+        fitted = self._prompt.with_history(self._memory.get_history(self.conversation_id),
+                                           self._memory.keep_on_drop)
+        self.history = (fitted.turns, fitted.dropped)
+        return fitted.call
 
-    def record(self, answer: str, partial: bool, done_reason: str) -> None:
-        """Remember the answer with the user's message. Only an answer the model gave to a
-        user's message is remembered: an empty one, or a /v1 request without a user message,
-        is not."""
+    def record(self, answer: str, partial: bool, done_reason: str,
+               answer_tokens: int = 0) -> None:
+        """Remember the answer with the user's message, and what the turn takes in a prompt
+        (``answer_tokens``: the model's count of the answer, when known). Only an answer the
+        model gave to a user's message is remembered: an empty one, or a /v1 request without
+        a user message, is not."""
         if self._loop is not None:
             answer = self._loop.answer  # not the text shown before a tool call
+            answer_tokens = 0  # the loop's count is of every call
         if self._memory is not None and answer and self._remember:
+            if self.history[1]:  # a turn without an answer drops nothing: it is sent again
+                self._memory.drop_oldest(self.conversation_id, self.history[1])
             self._memory.append_turn(
                 self.conversation_id,
                 Remembered(user=self._remember, assistant=answer, partial=partial,
-                           done_reason=done_reason),
+                           done_reason=done_reason,
+                           tokens=turn_tokens(self._remember, answer, answer_tokens)),
                 self._owner,
             )
 
@@ -298,7 +312,7 @@ class Turn:
         result = self._gather(self.streamer(), self.build_call(), watch)
         if self._loop is not None:
             result.content = self._loop.answer  # not the text shown before a tool call
-        self.record(result.content, False, result.done_reason)
+        self.record(result.content, False, result.done_reason, result.completion_tokens)
         return result
 
     def _gather(self, streamer: Streamer, call: ChatCall, watch: TurnWatch) -> ChatChunk:

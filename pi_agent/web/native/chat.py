@@ -28,6 +28,7 @@ from .schemas import (
     Cancelled,
     ChatReply,
     ChatRequest,
+    HistoryInfo,
     RouteInfo,
     SourceInfo,
     ToolCallInfo,
@@ -113,6 +114,7 @@ def _answer(events_only: bool) -> Response:
         if turn.route is not None else None,
         tool_calls=[ToolCallInfo(**tool_call_info(call)) for call in turn.tool_calls],
         steps=turn.steps,
+        history=HistoryInfo(turns=turn.history[0], dropped=turn.history[1]),
     )
     return jsonify(reply.model_dump())
 

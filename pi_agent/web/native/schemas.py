@@ -87,6 +87,14 @@ class ToolCallInfo(BaseModel):
     ms: int
 
 
+class HistoryInfo(BaseModel):
+    """The remembered turns that went into the call, and the oldest ones its token budget
+    left out (and memory forgot)."""
+
+    turns: int
+    dropped: int
+
+
 class ChatReply(BaseModel):
     """The answer of a non-stream ``POST /chat``."""
 
@@ -102,6 +110,7 @@ class ChatReply(BaseModel):
     route: RouteInfo | None  # where a router sent the message; null for other agents
     tool_calls: list[ToolCallInfo]  # run by the gateway for the answer, in order
     steps: int  # the model calls made for the answer (0 for a router's fixed reply)
+    history: HistoryInfo
 
 
 class Cancelled(BaseModel):

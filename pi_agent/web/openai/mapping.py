@@ -41,8 +41,8 @@ def build_prompt(
     library: Library,
 ) -> Prompt:
     """Map a Chat Completions request onto an Ollama chat call; a conversation's remembered
-    turns go in after the agent's system prompt, once the turn has its slot, trimmed to fit
-    ``num_ctx`` beside the request's own messages.
+    turns go in after the agent's system prompt, once the turn has its slot, as many as fit
+    the token budget left by the request's own messages (core/context.py).
 
     An agent's own tools are run by the gateway when the request brings none; a request's
     own tools go to its client as always, and the two are never mixed.
@@ -91,7 +91,7 @@ def build_prompt(
     # tool_choice "none" asks for an answer without tools: the agent's are not offered either.
     toolbox = None if agent is None or body.tools or body.tool_choice == "none" \
         else agent.toolbox()
-    return Prompt(call, history_at=history_at, fit_history=True, toolbox=toolbox)
+    return Prompt(call, history_at=history_at, toolbox=toolbox)
 
 
 def ollama_options(body: ChatCompletionRequest, agent: Agent | None,
