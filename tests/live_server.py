@@ -143,7 +143,9 @@ def _stopped_after(server: ServerT) -> Iterator[ServerT]:
         yield server
     finally:
         server.stop()
-    assert server.process.returncode == 0, server.log.read_text()
+    # -9: it did not end within its stop's wait and was killed.
+    assert server.process.returncode == 0, (
+        f"exit code {server.process.returncode}\n" + server.log.read_text())
 
 
 class RawStream:

@@ -157,10 +157,15 @@ def test_client_leaving_while_queued(host: Server, fake: FakeOllama, stream: boo
     assert requests.post(host.url + "/chat", timeout=10,
                          json={"message": "first", "conversation_id": conversation}).ok
 
+    answers: list[int] = []  # what forget() got, for the message of a failure
+
     def forget() -> int:
         # 409 while a turn of the conversation is queued or running, 200 once it is not.
-        return requests.delete(f"{host.url}/conversations/{conversation}",
-                               timeout=10).status_code
+        status = requests.delete(f"{host.url}/conversations/{conversation}",
+                                 timeout=10).status_code
+        if not answers or answers[-1] != status:
+            answers.append(status)
+        return status
 
     fake.stream_finished.clear()
     fake.scripts["holder"] = Script(tokens=[f"t{i} " for i in range(400)], token_delay=0.05)
@@ -169,11 +174,11 @@ def test_client_leaving_while_queued(host: Server, fake: FakeOllama, stream: boo
         holder.read_until(b"event: token")
         queued = raw_turn(host, stream, message="queued", conversation_id=conversation)
         try:
-            assert wait_until(lambda: forget() == 409)
+            assert wait_until(lambda: forget() == 409), (answers, host.log.read_text()[-3000:])
         finally:
             queued.close()
         # The queued turn is gone while the holder still holds the slot.
-        assert wait_until(lambda: forget() == 200)
+        assert wait_until(lambda: forget() == 200), (answers, host.log.read_text()[-3000:])
         assert not fake.stream_finished.is_set()
     finally:
         holder.close()
