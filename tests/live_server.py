@@ -100,6 +100,12 @@ def serving(log: Path, *args: str, **options: Any) -> AbstractContextManager[Gun
     return _stopped_after(Gunicorn(log, *args, **options))
 
 
+def _hear_sigint() -> None:
+    """Let the child hear SIGINT, which stops waitress: a test run started in the background
+    of a script (a CI job, ``nohup``) has it ignored, and the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Waitress:
     """waitress-serve with ``wsgi:app``, started on 127.0.0.1 port 0 and stopped by pid."""
 
@@ -110,6 +116,7 @@ class Waitress:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "waitress", "--listen=127.0.0.1:0", *args, app],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=server_env(**settings),
+                preexec_fn=_hear_sigint,
             )
         try:
             # waitress logs the port it was given for port 0.
