@@ -273,6 +273,20 @@ def test_cancel_a_running_turn(server: Gunicorn, fake: FakeOllama) -> None:
     assert '"code":"cancelled"' in body and "event: done" not in body
 
 
+def test_a_new_conversation_with_its_first_turn_running_is_busy(
+    server: Gunicorn, fake: FakeOllama
+) -> None:
+    # Nothing is remembered yet, but a turn runs: deleting it is a 409, not a 404.
+    fake.script = Script(tokens=[f"t{i} " for i in range(200)], token_delay=0.05)
+    stream = RawStream(server, conversation_id="ev-new-busy")
+    try:
+        stream.read_until(b'"t1 "')
+        busy = requests.delete(server.url + "/conversations/ev-new-busy", timeout=10)
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "conversation_busy"
+    finally:
+        stream.close()
+
+
 @pytest.mark.parametrize("conversation_id", ["nobody-here", "bad..id"])
 def test_cancel_of_an_idle_conversation_is_404(server: Gunicorn, conversation_id: str) -> None:
     response = requests.post(server.url + f"/chat/{conversation_id}/cancel", timeout=10)

@@ -177,8 +177,10 @@ def test_client_leaving_while_queued(host: Server, fake: FakeOllama, stream: boo
             assert wait_until(lambda: forget() == 409), (answers, host.log.read_text()[-3000:])
         finally:
             queued.close()
-        # The queued turn is gone while the holder still holds the slot.
-        assert wait_until(lambda: forget() == 200), (answers, host.log.read_text()[-3000:])
+        # The queued turn is gone while the holder still holds the slot: the conversation
+        # is forgotten (200), or was already, by a probe that came before the queued turn.
+        assert wait_until(lambda: forget() in (200, 404)), (answers,
+                                                            host.log.read_text()[-3000:])
         assert not fake.stream_finished.is_set()
     finally:
         holder.close()

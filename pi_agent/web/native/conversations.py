@@ -43,10 +43,16 @@ def show_conversation(conversation_id: str) -> Response:
 
 @bp.delete("/conversations/<conversation_id>")
 def forget_conversation(conversation_id: str) -> Response:
-    """:raise ConversationBusy: 409 while a turn of it runs; cancel that first."""
-    memory = _find(conversation_id, manage=True)
-    if current_state().running.owner(conversation_id) is not None:
+    """:raise ConversationBusy: 409 while a turn of it is queued or runs, also its first
+        one (nothing is remembered yet); cancel that first.
+    :raise ConversationNotFound: 404 for an unknown or another key's conversation.
+    """
+    state = current_state()
+    if state.memory is not None and CONVERSATION_ID.fullmatch(conversation_id) \
+            and state.running.owner(conversation_id) is not None:
+        require_conversation(conversation_id, manage=True)  # another key's: 404
         raise ConversationBusy()
+    memory = _find(conversation_id, manage=True)
     memory.forget(conversation_id)
     return jsonify(Forgotten(conversation_id=conversation_id, status="deleted").model_dump())
 
