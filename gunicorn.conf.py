@@ -1,9 +1,10 @@
 """Gunicorn settings for Pi Agent Server: one gevent worker, made for long streams.
 
-Imports only pi_agent.config, pi_agent.security.keys and .exposure, and pi_agent.hosts, which load
-neither ssl nor requests: the gevent worker patches the standard library after the fork, and modules
-loaded before it stay unpatched. gevent itself is loaded after the fork too (see
-pi_agent/worker.py), so the master, which serves no request, stays about 5 MiB smaller.
+Imports only pi_agent.config, pi_agent.security.keys and .exposure, pi_agent.hosts and
+pi_agent.stores.sqlite_file, which load neither ssl nor requests: the gevent worker patches
+the standard library after the fork, and modules loaded before it stay unpatched. gevent
+itself is loaded after the fork too (see pi_agent/worker.py), so the master, which serves no
+request, stays about 5 MiB smaller.
 That is why each hook imports what it uses when it runs: the worker's hooks (pre_request,
 worker_int) load the app's modules, which only a worker may.
 """
@@ -53,7 +54,7 @@ def on_starting(server):
     try:
         # Read again: gunicorn has applied its -e variables to the environment by now.
         settings = load_settings()
-        reason = refusal(server.cfg.bind, settings)
+        reason = refusal(server.cfg.bind, settings) or _store_refusal(settings)
     except (ConfigError, KeyFileError) as exc:
         reason = str(exc)
     if reason:
@@ -62,6 +63,20 @@ def on_starting(server):
         server.log.warning("pi-agent: PI_AGENT_AUTH=off: every request is served without a key")
     _fit_worker(server, settings)
     _fit_descriptors(server)
+
+
+def _store_refusal(settings):
+    """Why the SQLite store cannot be used (its file or folder), found before the worker
+    boots; the file is made then if missing, and closed before the fork."""
+    if settings.store != "sqlite":
+        return ""
+    from pi_agent.stores.sqlite_file import StoreFileError, prepare, state_file
+
+    try:
+        prepare(state_file(settings.state_dir))
+    except StoreFileError as exc:
+        return f"PI_AGENT_STORE=sqlite: {exc}"
+    return ""
 
 
 def _fit_descriptors(server):

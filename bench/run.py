@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import signal
 import statistics
 import threading
@@ -203,6 +204,13 @@ def start_gateway(name: str, root: Path, fake_port: int, out: Path, **settings: 
     gateway = Process(name, [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
                              "wsgi:app"], root, env, log, cpu=0)
     return gateway.ready(r"Listening at: http://127\.0\.0\.1:(\d+)", health=True)
+
+
+def start_with_sqlite(state: Path, fake_port: int, out: Path) -> Process:
+    """Pi Agent Server from this checkout with the SQLite store, on a new file each start."""
+    shutil.rmtree(state, ignore_errors=True)
+    return start_gateway("pi-agent sqlite", ROOT, fake_port, out, PI_AGENT_STORE="sqlite",
+                         PI_AGENT_STATE_DIR=str(state))
 
 
 def start_floor(fake_port: int, out: Path) -> Process:
@@ -675,6 +683,8 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, action="append", default=[], metavar="DIR",
                         help="also measure the checkout in DIR (e.g. a git worktree of an "
                              "older commit), in the same run")
+    parser.add_argument("--sqlite", action="store_true",
+                        help="also measure this checkout with PI_AGENT_STORE=sqlite")
     args = parser.parse_args()
     scenarios = [s for s in SCENARIOS if args.only in s.name]
     extra_names = ("memory", "knowledge", "prefill")
@@ -692,6 +702,9 @@ def main() -> None:
         for name, root in [("pi-agent", ROOT)] + [(f"pi-agent@{d.name}", d) for d in args.compare]:
             starters[name] = functools.partial(start_gateway, name, root.resolve(), fake.port,
                                                args.out)
+        if args.sqlite:
+            starters["pi-agent sqlite"] = functools.partial(
+                start_with_sqlite, args.out / "sqlite-state", fake.port, args.out)
         if not args.no_naive and (NAIVE_DIR / "naive_proxy.py").exists():
             starters["naive proxy"] = functools.partial(start_naive, fake.port, args.out)
         if not args.no_floor:

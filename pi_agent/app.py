@@ -5,11 +5,12 @@ before gevent could patch it)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import re
 import sys
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from flask import Flask
 from flask_cors import CORS
@@ -25,11 +26,13 @@ from .core.running import RunningTurns
 from .core.turn import Turns
 from .core.watch import Watchdog
 from .hosts import watch_host
-from .memory import MemoryStore
+from .memory import MemoryStore, Store
 from .providers import PROVIDERS
 from .security.keys import KeyFileError, KeyRing, Offload
 from .security.limits import Limits
 from .state import EXTENSION_KEY, AppState
+from .stores.sqlite import OneThread, PlainThread, SqliteStore
+from .stores.sqlite_file import StoreFileError, state_file
 from .web import auth, errors, framing, tracing
 from .web.native import agents, chat, conversations, health
 from .web.native.errors import render_error
@@ -77,16 +80,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 def build_state(settings: Settings) -> AppState:
     """What every request uses, built once: the provider, the memory, the keys, ..."""
-    memory = None
-    if settings.enable_memory:
-        memory = MemoryStore(
-            max_turns=settings.memory_max_turns,
-            ttl_seconds=settings.memory_ttl_minutes * 60,
-            max_conversations=settings.memory_max_conversations,
-            max_bytes=settings.memory_max_bytes,
-            max_per_key=settings.memory_max_per_key,
-            keep_on_drop=settings.memory_keep_on_drop,
-        )
+    store = _store(settings)
     keys = None
     if settings.keys_file and settings.auth == "on":
         try:
@@ -97,12 +91,14 @@ def build_state(settings: Settings) -> AppState:
         logger.warning("PI_AGENT_AUTH=off: every request is served without an API key")
     provider = PROVIDERS[settings.provider](settings)
     admission = Admission(settings.max_concurrent, settings.max_queue)
-    running, watchdog, shutdown, limits = RunningTurns(), Watchdog(), Shutdown(), Limits()
+    running, watchdog, shutdown = RunningTurns(), Watchdog(), Shutdown()
+    limits = Limits(ledger=store)
     agents, library = _agents(settings.agents_file), Library(settings.state_dir)
     return AppState(
         settings=settings,
         provider=provider,
-        memory=memory,
+        store=store,
+        memory=store if settings.enable_memory else None,
         agents=agents,
         readiness=ReadinessCheck(
             provider, settings.model, settings.ollama_url, settings.ready_cache_seconds
@@ -113,10 +109,32 @@ def build_state(settings: Settings) -> AppState:
         watchdog=watchdog,
         keys=keys,
         limits=limits,
-        turns=Turns(settings, provider, admission, running, watchdog, shutdown, memory, limits,
+        turns=Turns(settings, provider, admission, running, watchdog, shutdown, store, limits,
                     agents, library),
         knowledge=library,
     )
+
+
+def _store(settings: Settings) -> Store:
+    """The store that PI_AGENT_STORE names, with the memory's bounds.
+
+    :raise ConfigError: the SQLite file or its folder cannot be used; one line says why.
+    """
+    bounds: dict[str, Any] = {
+        "max_turns": settings.memory_max_turns,
+        "ttl_seconds": settings.memory_ttl_minutes * 60,
+        "max_conversations": settings.memory_max_conversations,
+        "max_bytes": settings.memory_max_bytes,
+        "max_per_key": settings.memory_max_per_key,
+        "keep_on_drop": settings.memory_keep_on_drop,
+    }
+    if settings.store == "memory":
+        return MemoryStore(**bounds)
+    try:
+        return SqliteStore(state_file(settings.state_dir), synchronous=settings.sqlite_sync,
+                           one_thread=_one_thread_kind(), **bounds)
+    except StoreFileError as exc:
+        raise ConfigError(f"PI_AGENT_STORE=sqlite: {exc}") from None
 
 
 def _agents(path: str) -> AgentBook:
@@ -149,14 +167,42 @@ def _gevent_threadpool() -> Offload | None:
     """Run functions in gevent's pool of OS threads where gevent has patched the standard
     library (gunicorn's gevent worker), so that reading a large key file does not stall the
     loop; elsewhere None: read inline."""
-    # Looked up, not imported: the app never loads gevent itself, and "gevent.monkey" is
-    # loaded once anything was patched.
-    monkey = sys.modules.get("gevent.monkey")
-    if "gevent" not in sys.modules or monkey is None or not monkey.is_module_patched("socket"):
+    if not _gevent_patched():
         return None
     gevent = sys.modules["gevent"]
     # The hub of the thread that reads, looked up then: each thread has its own.
     return lambda function: gevent.get_hub().threadpool.apply(function)
+
+
+T = TypeVar("T")
+
+
+class _GeventThread:
+    """A ``OneThread`` of gevent's own: an OS thread whose jobs a greenlet waits for without
+    stalling the loop (a thread of concurrent.futures would be a greenlet once patched)."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = importlib.import_module("gevent.threadpool").ThreadPool(1)
+
+    def run(self, job: Callable[[], T]) -> T:
+        result: T = self._pool.apply(job)
+        return result
+
+    def close(self) -> None:
+        self._pool.kill()
+
+
+def _one_thread_kind() -> Callable[[str], OneThread]:
+    """What makes the SQLite store's threads: gevent's where gevent has patched the
+    standard library (gunicorn's gevent worker), plain ones elsewhere."""
+    return _GeventThread if _gevent_patched() else PlainThread
+
+
+def _gevent_patched() -> bool:
+    # Looked up, not imported: the app never loads gevent itself, and "gevent.monkey" is
+    # loaded once anything was patched.
+    monkey = sys.modules.get("gevent.monkey")
+    return "gevent" in sys.modules and monkey is not None and monkey.is_module_patched("socket")
 
 
 def _configure_logging(level: str) -> None:

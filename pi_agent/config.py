@@ -156,6 +156,10 @@ class Settings:
     memory_max_conversations: int = _setting(1000, _integer(1, 1_000_000))
     memory_max_bytes: int = _setting(32 * 1024 * 1024, _integer(64 * 1024, 1 << 40))
     memory_max_per_key: int = _setting(100, _integer(1, 1_000_000))
+    # Where memory and the daily token counts live: this process, or a SQLite file in
+    # state_dir that survives restarts (see stores/sqlite.py).
+    store: str = _setting("memory", _choice("memory", "sqlite"))
+    sqlite_sync: str = _setting("normal", _choice("normal", "full"))
     connect_timeout: float = _setting(DEFAULT_CONNECT_TIMEOUT, _number(0, 600, low_open=True))
     first_token_timeout: float = _setting(DEFAULT_FIRST_TOKEN_TIMEOUT,
                                           _number(0, 86_400, low_open=True))
@@ -177,7 +181,8 @@ class Settings:
     cors_origins: tuple[str, ...] = _setting((), _origins)
     # The agents (see core/agent_file.py); empty: the built-in ones.
     agents_file: str = _setting("", _path)
-    # What the server keeps on disk (knowledge indexes); empty: see default_state_dir.
+    # What the server keeps on disk (knowledge indexes, the SQLite store); empty: see
+    # default_state_dir.
     state_dir: str = _setting("", _path)
     # Bounds on what a request may ask, checked before any call to Ollama.
     max_message_chars: int = _setting(4000, _integer(1, 1_000_000))

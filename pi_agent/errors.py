@@ -235,6 +235,15 @@ class ConversationBusy(PiAgentError):
     description = "this conversation has a turn in progress: wait for it to end"
 
 
+class StoreUnavailable(PiAgentError):
+    """The conversation store could not be read or written (a full disk, a file removed or
+    damaged while the server runs); the server's log says why."""
+
+    code = 503
+    error_code = "store_unavailable"
+    description = "the conversation store cannot be read or written: see the server's log"
+
+
 class QueueFull(TryLater):
     """Every generation slot is taken and the wait queue is full; retry after Retry-After."""
 

@@ -1,13 +1,24 @@
-"""Short-term conversation memory: the last turns of each conversation, in this process."""
+"""Conversation memory: the seam (``Store``) and the store that keeps it in this process.
+
+A store keeps the recent turns of each conversation, who owns it, and each key's
+completion tokens per UTC day; ``MemoryStore`` keeps them in a dict (gone with the
+process), ``stores.sqlite.SqliteStore`` in a file that survives restarts. Per-request
+counters (request buckets, slots, the queue) are no store's business: nothing is written
+per request.
+"""
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from .config import LOCAL_ID
+
+# Completion tokens spent, by (key id, UTC day as YYYY-MM-DD).
+Spent = Mapping[tuple[str, str], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +46,61 @@ class _Conversation:
         self.size = size
 
 
-def _size(turn: Turn) -> int:
+class Store(Protocol):
+    """What the gateway keeps between turns; every method may be called from any request.
+
+    ``append`` is one finished turn, written at once: the turns its call left out are
+    dropped first (``drop``), the bounds applied, and the tokens it ``spent`` counted.
+    Reads ignore conversations idle for longer than the TTL.
+    """
+
+    max_turns: int
+    keep_on_drop: int
+
+    def history(self, conversation_id: str) -> list[Turn]:
+        """The remembered turns of a conversation, oldest first (empty if unknown)."""
+
+    def append(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID,
+               drop: int = 0, spent: Spent | None = None) -> None:
+        """Remember ``turn`` as the newest of its conversation (made for ``owner``)."""
+
+    def spend(self, spent: Spent) -> None:
+        """Count the completion tokens of a turn that remembers nothing."""
+
+    def tokens_used(self, key_id: str, day: str) -> int:
+        """The completion tokens counted for a key on a UTC day."""
+
+    def owner(self, conversation_id: str) -> str | None:
+        """The id of the key whose conversation it is; None if it is not remembered."""
+
+    def conversations(self) -> list[tuple[str, str, int]]:
+        """Every remembered conversation as (id, owner, turns), most recently used first."""
+
+    def forget(self, conversation_id: str) -> bool:
+        """Forget a conversation; return whether there was one."""
+
+    def close(self) -> None:
+        """Let go of what the store holds open (files, threads)."""
+
+    @property
+    def bytes_used(self) -> int:
+        """The UTF-8 bytes of every remembered message and conversation id."""
+
+    def __len__(self) -> int:
+        """The conversations remembered."""
+
+    def __contains__(self, conversation_id: object) -> bool:
+        """Whether a conversation is remembered."""
+
+
+def turn_size(turn: Turn) -> int:
+    """What a turn counts against the byte budget: the UTF-8 bytes of its messages."""
     return len(turn.user.encode("utf-8", "surrogatepass")) + \
         len(turn.assistant.encode("utf-8", "surrogatepass"))
 
 
 class MemoryStore:
-    """Keep the recent turns of many conversations, bounded five ways.
+    """Keep the recent turns of many conversations in this process, bounded five ways.
 
     At most ``max_turns`` turns per conversation: one more drops the oldest in one block,
     keeping the newest ``keep_on_drop`` (so that the prompts between two drops each begin
@@ -57,7 +116,8 @@ class MemoryStore:
     the only user, bounded by ``max_conversations`` alone.
 
     The store is one dict guarded by one lock; under gunicorn's gevent worker the lock is
-    cooperative, because the worker patches ``threading`` first.
+    cooperative, because the worker patches ``threading`` first. Of the token days, each
+    key's latest is kept.
     """
 
     def __init__(
@@ -84,6 +144,7 @@ class MemoryStore:
         self._per_owner: Counter[str] = Counter()  # conversations of each key
         self._owner_bytes: Counter[str] = Counter()
         self._bytes = 0
+        self._tokens: dict[str, tuple[str, int]] = {}  # key id -> (UTC day, tokens)
 
     @property
     def bytes_used(self) -> int:
@@ -91,7 +152,7 @@ class MemoryStore:
         with self._lock:
             return self._bytes
 
-    def get_history(self, conversation_id: str) -> list[Turn]:
+    def history(self, conversation_id: str) -> list[Turn]:
         """Return the remembered turns of a conversation, oldest first (empty if unknown).
 
         Reading does not count as use: a turn whose upstream call fails leaves the
@@ -102,12 +163,16 @@ class MemoryStore:
             conversation = self._conversations.get(conversation_id)
             return [turn for turn, _ in conversation.turns] if conversation is not None else []
 
-    def append_turn(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID) -> None:
+    def append(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID,
+               drop: int = 0, spent: Spent | None = None) -> None:
         """Remember ``turn`` as the newest of its conversation, evicting what the bounds say.
 
-        A new conversation belongs to ``owner``, the id of the API key that made it.
+        A new conversation belongs to ``owner``, the id of the API key that made it. The
+        ``drop`` oldest turns go first: those the turn's call left out for its token
+        budget, so that the next call's prompt begins with this one's. ``spent``: the
+        completion tokens the turn counted.
         """
-        size = _size(turn)
+        size = turn_size(turn)
         with self._lock:
             now = self._clock()
             self._expire(now)
@@ -117,22 +182,30 @@ class MemoryStore:
             else:
                 conversation.last_used = now
                 self._conversations.move_to_end(conversation_id)
+            for _ in range(min(drop, len(conversation.turns))):
+                self._drop_oldest_turn(conversation)
             conversation.turns.append((turn, size))
             self._count(conversation, size)
             if len(conversation.turns) > self.max_turns:
                 while len(conversation.turns) > self.keep_on_drop:
                     self._drop_oldest_turn(conversation)
             self._fit_budget(conversation_id, conversation)
+            self._spend(spent or {})
 
-    def drop_oldest(self, conversation_id: str, count: int) -> None:
-        """Forget the ``count`` oldest turns of a conversation: those a call left out for
-        its token budget, so that the next call's prompt begins with this one's."""
+    def spend(self, spent: Spent) -> None:
         with self._lock:
-            conversation = self._conversations.get(conversation_id)
-            if conversation is None:
-                return
-            for _ in range(min(count, len(conversation.turns))):
-                self._drop_oldest_turn(conversation)
+            self._spend(spent)
+
+    def tokens_used(self, key_id: str, day: str) -> int:
+        with self._lock:
+            used_day, used = self._tokens.get(key_id, (day, 0))
+            return used if used_day == day else 0
+
+    def _spend(self, spent: Spent) -> None:
+        for (key_id, day), count in spent.items():
+            used_day, used = self._tokens.get(key_id, (day, 0))
+            if day >= used_day:  # a turn that began before midnight may count for both days
+                self._tokens[key_id] = (day, (used if used_day == day else 0) + count)
 
     def owner(self, conversation_id: str) -> str | None:
         """The id of the key whose conversation it is; None if it is not remembered."""
@@ -141,7 +214,7 @@ class MemoryStore:
             conversation = self._conversations.get(conversation_id)
             return conversation.owner if conversation is not None else None
 
-    def list_conversations(self) -> list[tuple[str, str, int]]:
+    def conversations(self) -> list[tuple[str, str, int]]:
         """Every remembered conversation as (id, owner, turns), most recently used first."""
         with self._lock:
             self._expire(self._clock())
@@ -155,6 +228,9 @@ class MemoryStore:
                 return False
             self._remove(conversation_id)
             return True
+
+    def close(self) -> None:
+        """Nothing to let go of: the dict goes with the process."""
 
     def __len__(self) -> int:
         with self._lock:

@@ -15,7 +15,7 @@ from .core.readiness import ReadinessCheck
 from .core.running import RunningTurns
 from .core.turn import Turns
 from .core.watch import Watchdog
-from .memory import MemoryStore
+from .memory import Store
 from .providers.base import Provider
 from .security.keys import KeyRing
 from .security.limits import Limits
@@ -25,13 +25,14 @@ EXTENSION_KEY = "pi_agent"
 
 @dataclass(frozen=True)
 class AppState:
-    """The settings, the model provider, the memory (None when disabled), the agents, the
-    readiness check, the admission control, the turns under way, the API keys and their
-    limits."""
+    """The settings, the model provider, the store and the memory (the store, None when
+    memory is off), the agents, the readiness check, the admission control, the turns under
+    way, the API keys and their limits."""
 
     settings: Settings
     provider: Provider
-    memory: MemoryStore | None
+    store: Store  # memory and each key's tokens per day
+    memory: Store | None
     agents: Mapping[str, Agent]
     readiness: ReadinessCheck
     admission: Admission

@@ -90,6 +90,7 @@ def make_app(app_config: dict[str, Any]) -> Iterator[Callable[..., Flask]]:
     yield make
     for app in apps:
         state(app).provider.close()
+        state(app).store.close()
 
 
 @pytest.fixture

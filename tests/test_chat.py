@@ -24,7 +24,7 @@ def post_chat(client: FlaskClient, **body: Any) -> Any:
 def history(app: Flask, conversation_id: str) -> list[Turn]:
     memory = state(app).memory
     assert memory is not None
-    return memory.get_history(conversation_id)
+    return memory.history(conversation_id)
 
 
 # --- the happy path ------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_invalid_fields_are_422(
     memory = state(app).memory
     assert memory is not None
     kept = Turn("earlier", "answer")
-    memory.append_turn("keep", kept)
+    memory.append("keep", kept)
     body = {"conversation_id": "keep", **body}
     response = client.post("/chat", data=json.dumps(body), content_type="application/json")
     assert response.status_code == 422
@@ -309,7 +309,7 @@ def test_invalid_fields_are_422(
     # The rejected input is not echoed back.
     assert "passwd" not in response.get_data(as_text=True)
     assert not fake_ollama.requests
-    assert len(memory) == 1 and memory.get_history("keep") == [kept]
+    assert len(memory) == 1 and memory.history("keep") == [kept]
 
 
 def test_body_that_is_a_list_is_422(client: FlaskClient) -> None:
@@ -451,7 +451,7 @@ def test_failed_turn_leaves_memory_order_alone(
     assert post_chat(client, conversation_id="old").status_code == 502
     memory = state(app).memory
     assert memory is not None
-    assert list(memory._conversations) == ["old", "new"]
+    assert [cid for cid, _, _ in memory.conversations()] == ["new", "old"]
 
 
 @pytest.mark.parametrize(

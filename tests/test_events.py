@@ -74,7 +74,7 @@ def test_sse_sequence_and_headers(app: Flask, client: FlaskClient, fake_ollama: 
     assert done["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
     assert set(done["timings"]) == {"queue_ms", "first_token_ms", "total_ms"}
     memory = state(app).memory
-    assert memory is not None and memory.get_history("ev-1")[0].assistant == "Hi there 🍓"
+    assert memory is not None and memory.history("ev-1")[0].assistant == "Hi there 🍓"
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_failure_ends_with_one_error_event(
     assert events[-1][1]["code"] == code
     assert all(name != "token" or "error" not in data["content"] for name, data in events)
     memory = state(app).memory
-    assert memory is not None and memory.get_history("ev-err") == []
+    assert memory is not None and memory.history("ev-err") == []
 
 
 def test_model_not_pulled_is_an_error_event(

@@ -52,9 +52,8 @@ def test_prompts_stay_prefixes_between_block_drops(
     for message, answer, answer_tokens in turns:
         call = ChatCall("m", [system, {"role": "user", "content": message}],
                         {"num_ctx": num_ctx, "num_predict": num_predict}, "5m")
-        history = store.get_history("c")
+        history = store.history("c")
         fitted = Prompt(call, history_at=1).with_history(history, store.keep_on_drop)
-        store.drop_oldest("c", fitted.dropped)  # as a turn does when it remembers its answer
         sent = fitted.call.messages
         kept = history[fitted.dropped:]
         # The budget holds: the kept turns fit beside the call's own messages and the reply.
@@ -69,8 +68,10 @@ def test_prompts_stay_prefixes_between_block_drops(
             assert sent[len(previous)] == {"role": "assistant", "content": previous_answer}
             assert sent[len(previous) + 1:] == [{"role": "user", "content": message}]
         previous, previous_answer, previous_sent = sent, answer, fitted.turns
-        store.append_turn("c", Turn(message, answer,
-                                    tokens=turn_tokens(message, answer, answer_tokens)))
+        # As a turn remembers its answer: with the turns its call left out dropped.
+        store.append("c", Turn(message, answer, tokens=turn_tokens(message, answer,
+                                                                   answer_tokens)),
+                     drop=fitted.dropped)
 
 
 def test_a_turn_counts_its_answer_as_the_model_did_unless_thinking_inflated_it() -> None:

@@ -665,7 +665,7 @@ def test_hostile_input_gets_its_4xx_and_changes_nothing(
     assert chat(client, keys.all, conversation_id="keep").status_code == 200
     memory = state(secured).memory
     assert memory is not None
-    before = (memory.list_conversations(), memory.get_history("keep"))
+    before = (memory.conversations(), memory.history("keep"))
     key_file = keys.path.read_bytes()
     calls = len(fake_ollama.requests)
     for what, key, method, path, headers, body, status in HOSTILE:
@@ -685,7 +685,7 @@ def test_hostile_input_gets_its_4xx_and_changes_nothing(
             assert set(error) >= {"code", "message"}, what
         assert "Traceback" not in response.get_data(as_text=True)
     assert len(fake_ollama.requests) == calls  # nothing reached Ollama
-    assert (memory.list_conversations(), memory.get_history("keep")) == before
+    assert (memory.conversations(), memory.history("keep")) == before
     assert keys.path.read_bytes() == key_file
     assert client.get("/health").status_code == 200
     assert chat(client, keys.all, conversation_id="keep").status_code == 200

@@ -336,8 +336,8 @@ class EventRelay:
         self._outcome = "done"
         self._phase = _ENDED
         turn = self._turn
+        turn.count_tokens(chunk.completion_tokens)  # first: they are written with the answer
         turn.record("".join(self._pieces), False, chunk.done_reason, chunk.completion_tokens)
-        turn.count_tokens(chunk.completion_tokens)
         # The last chunk may carry text too: the encoder writes it with the end.
         return self._encode(Done(chunk, turn.conversation_id, {
             "queue_ms": self._queue_ms, "first_token_ms": self._first_token_ms,
@@ -381,11 +381,11 @@ class EventRelay:
         outcome = self._outcome
         if self._generation is not None:
             self._generation.stop(graceful=outcome == "done")
-        if outcome in ("disconnected", "cancelled"):
-            self._turn.record("".join(self._pieces), True, "")
         if outcome != "done":
             # A turn cut short was generated all the same: it counts as what it relayed.
             self._turn.count_tokens(self._chunks)
+        if outcome in ("disconnected", "cancelled"):
+            self._turn.record("".join(self._pieces), True, "")
 
 
 def _ms(seconds: float) -> int:

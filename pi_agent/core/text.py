@@ -86,10 +86,11 @@ def _close(turn: TextTurn, pieces: list[str], chunks: int, last: ChatChunk | Non
            failed: bool) -> None:
     # Remembered before the slot is given back (release, which also closes the stream), so
     # that the conversation's next turn finds this one in its history.
+    # The tokens first: they are written with the answer.
     if last is not None and last.done and last.done_reason:
-        turn.record("".join(pieces), False, last.done_reason, last.completion_tokens)
         turn.count_tokens(last.completion_tokens)
+        turn.record("".join(pieces), False, last.done_reason, last.completion_tokens)
         return
+    turn.count_tokens(chunks)  # cut short, it counts as what it relayed
     if not failed:
         turn.record("".join(pieces), True, "")
-    turn.count_tokens(chunks)  # cut short, it counts as what it relayed

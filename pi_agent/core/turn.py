@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, TypeVar, cast
 
@@ -31,10 +32,11 @@ from ..errors import (
     PiAgentError,
     ProviderError,
     ServerShuttingDown,
+    StoreUnavailable,
     TurnCancelled,
     UpstreamProtocolError,
 )
-from ..memory import MemoryStore
+from ..memory import Store
 from ..memory import Turn as Remembered
 from ..providers.base import Abort, ChatCall, ChatChunk, ChatStream, Forwarded, Provider
 from ..security.keys import ApiKey
@@ -67,7 +69,7 @@ class Turns:
 
     def __init__(self, settings: Settings, provider: Provider, admission: Admission,
                  running: RunningTurns, watchdog: Watchdog, shutdown: Shutdown,
-                 memory: MemoryStore | None, limits: Limits,
+                 store: Store, limits: Limits,
                  agents: Mapping[str, Agent], library: Library) -> None:
         self.settings = settings
         self.agents = agents  # where a router's routes lead
@@ -78,7 +80,8 @@ class Turns:
         self.running = running
         self.watchdog = watchdog
         self.shutdown = shutdown
-        self.memory = memory
+        self.store = store  # each turn's tokens; its memory too unless that is off
+        self.memory = store if settings.enable_memory else None
         self.limits = limits
 
     def open(self, conversation_id: str, key: ApiKey, client: Client,
@@ -120,6 +123,8 @@ class Turn:
         self._memory = turns.memory if remember is not None else None
         self._owner = key.id
         self._meter = turns.limits.meter(key)
+        # The completion tokens counted and not yet written to the store, by (key, day).
+        self._spent: Counter[tuple[str, str]] = Counter()
         self._loop: ToolLoop | None = None  # an agent with tools: the gateway runs them
         self.ticket = turns.admission.enter(conversation_id)
         # Registered now, not when a stream starts: a cancel may come before that.
@@ -152,14 +157,20 @@ class Turn:
         toolbox = self._prompt.toolbox if self._prompt is not None else None
         if toolbox is None:
             return self._turns.provider
-        self._loop = ToolLoop(self._turns.provider, toolbox, self._meter)
+        self._loop = ToolLoop(self._turns.provider, toolbox, self._spend)
         return self._loop
 
     def count_tokens(self, tokens: int) -> None:
         """Count completion tokens against the key's daily quota; a tool loop counts those
-        of each of its model calls itself."""
+        of each of its model calls itself. They are written to the store with the answer
+        (``record``), or when the turn ends (``release``)."""
         if self._loop is None:
-            self._meter(tokens)
+            self._spend(tokens)
+
+    def _spend(self, tokens: int) -> None:
+        day = self._meter(tokens)
+        if day is not None:
+            self._spent[(self._owner, day)] += tokens
 
     @property
     def steps(self) -> int:
@@ -210,7 +221,7 @@ class Turn:
         assert self._prompt is not None, "a turn that relays Ollama's bytes has no prompt"
         if self._memory is None or self._fixed is not None:  # a fixed reply reads no history
             return self._prompt.call
-        fitted = self._prompt.with_history(self._memory.get_history(self.conversation_id),
+        fitted = self._prompt.with_history(self._memory.history(self.conversation_id),
                                            self._memory.keep_on_drop)
         self.history = (fitted.turns, fitted.dropped)
         return fitted.call
@@ -218,22 +229,29 @@ class Turn:
     def record(self, answer: str, partial: bool, done_reason: str,
                answer_tokens: int = 0) -> None:
         """Remember the answer with the user's message, and what the turn takes in a prompt
-        (``answer_tokens``: the model's count of the answer, when known). Only an answer the
-        model gave to a user's message is remembered: an empty one, or a /v1 request without
-        a user message, is not."""
+        (``answer_tokens``: the model's count of the answer, when known), in one write with
+        the tokens counted so far (so count them first). Only an answer the model gave to a
+        user's message is remembered: an empty one, or a /v1 request without a user
+        message, is not. The turns its call left out go in the same write; a turn without
+        an answer drops nothing: they are sent again.
+
+        A store that fails is logged and told no further: the client has the answer.
+        """
         if self._loop is not None:
             answer = self._loop.answer  # not the text shown before a tool call
             answer_tokens = 0  # the loop's count is of every call
-        if self._memory is not None and answer and self._remember:
-            if self.history[1]:  # a turn without an answer drops nothing: it is sent again
-                self._memory.drop_oldest(self.conversation_id, self.history[1])
-            self._memory.append_turn(
-                self.conversation_id,
-                Remembered(user=self._remember, assistant=answer, partial=partial,
-                           done_reason=done_reason,
-                           tokens=turn_tokens(self._remember, answer, answer_tokens)),
-                self._owner,
-            )
+        if self._memory is None or not answer or not self._remember:
+            return
+        spent, self._spent = self._spent, Counter()
+        turn = Remembered(user=self._remember, assistant=answer, partial=partial,
+                          done_reason=done_reason,
+                          tokens=turn_tokens(self._remember, answer, answer_tokens))
+        try:
+            self._memory.append(self.conversation_id, turn, self._owner, self.history[1],
+                                spent)
+        except StoreUnavailable:
+            logger.error("the answer of conversation %s was not remembered",
+                         self.conversation_id)
 
     def stream(self, encoder: Encoder) -> EventRelay:
         """The turn as an event stream, written by ``encoder``; see relay.py."""
@@ -361,6 +379,12 @@ class Turn:
             self._upstream.close()
         if self.watch is not None:
             self.watch.stop()
+        if self._spent:  # tokens of a turn that remembered nothing
+            try:
+                self._turns.store.spend(self._spent)
+            except StoreUnavailable:
+                logger.error("the tokens of a turn of key %s were not written", self._owner)
+            self._spent.clear()
         self.abort.set_handler(None)  # the connection may go back to the pool
         self._turns.admission.leave(self.ticket)
         self._turns.running.remove(self.conversation_id, self._cancel)

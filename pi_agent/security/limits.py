@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Protocol
 
 from ..errors import RateLimited
 from .keys import ApiKey
@@ -22,6 +23,13 @@ class Standing:
     reset_seconds: int  # until the bucket is full again (requests) or the day ends (tokens)
 
 
+class TokenLedger(Protocol):
+    """Where the tokens a key spent each day are kept (a store of memory.py): read once
+    per key and day, so that a restart does not give every key a new day's quota."""
+
+    def tokens_used(self, key_id: str, day: str) -> int: ...
+
+
 class _Bucket:
     __slots__ = ("tokens", "stamp")
 
@@ -31,13 +39,17 @@ class _Bucket:
 
 
 class Limits:
-    """The limits of every key, in this process. A key's bucket holds ``rpm`` requests and
-    refills at ``rpm`` a minute, so a burst of ``rpm`` is allowed, then one every 60/rpm s."""
+    """The limits of every key. A key's bucket holds ``rpm`` requests and refills at
+    ``rpm`` a minute, so a burst of ``rpm`` is allowed, then one every 60/rpm s. Buckets live
+    in this process; a key's tokens of the day are read from ``ledger`` once and counted
+    here after that (the turn that spent them writes them to the store)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 today: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 today: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 ledger: TokenLedger | None = None) -> None:
         self._clock = clock
         self._today = today
+        self._ledger = ledger
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
         self._tokens: dict[str, tuple[str, int]] = {}  # key id -> (UTC date, tokens used)
@@ -76,18 +88,27 @@ class Limits:
                 requests = self._request_standing(key, self._refill(key))
             return requests, self._token_standing(key)
 
-    def meter(self, key: ApiKey) -> Callable[[int], None]:
+    def meter(self, key: ApiKey) -> Callable[[int], str | None]:
         """What a turn calls with its completion tokens once it knows them."""
         return functools.partial(self.add_tokens, key)
 
-    def add_tokens(self, key: ApiKey, count: int) -> None:
-        """Count a turn's completion tokens against the key's day."""
+    def add_tokens(self, key: ApiKey, count: int) -> str | None:
+        """Count a turn's completion tokens against the key's day; return the day (UTC,
+        YYYY-MM-DD), or None when nothing was counted (the key has no daily quota)."""
         if key.tokens_per_day is None or count <= 0:
-            return
+            return None
         with self._lock:
             day = self._today().date().isoformat()
-            used_day, used = self._tokens.get(key.id, (day, 0))
-            self._tokens[key.id] = (day, (used if used_day == day else 0) + count)
+            self._tokens[key.id] = (day, self._used(key, day) + count)
+            return day
+
+    def _used(self, key: ApiKey, day: str) -> int:
+        used_day, used = self._tokens.get(key.id, ("", 0))
+        if used_day == day:
+            return used
+        used = self._ledger.tokens_used(key.id, day) if self._ledger is not None else 0
+        self._tokens[key.id] = (day, used)
+        return used
 
     def _refill(self, key: ApiKey) -> _Bucket:
         assert key.rpm is not None
@@ -108,9 +129,7 @@ class Limits:
         if key.tokens_per_day is None:
             return None
         now = self._today()
-        day = now.date().isoformat()
-        used_day, used = self._tokens.get(key.id, (day, 0))
-        used = used if used_day == day else 0
+        used = self._used(key, now.date().isoformat())
         midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(),
                                     tzinfo=timezone.utc)
         return Standing(key.tokens_per_day, max(0, key.tokens_per_day - used),

@@ -6,7 +6,7 @@ from flask import Blueprint, Response, jsonify
 
 from ...core.conversation import CONVERSATION_ID
 from ...errors import ConversationBusy, ConversationNotFound
-from ...memory import MemoryStore
+from ...memory import Store
 from ...state import current_state
 from ..auth import current_key, require_conversation
 from .schemas import (
@@ -24,7 +24,7 @@ bp = Blueprint("conversations", __name__)
 def list_conversations() -> Response:
     key = current_key()
     memory = current_state().memory
-    found = memory.list_conversations() if memory is not None else []
+    found = memory.conversations() if memory is not None else []
     listed = [ConversationInfo(conversation_id=cid, turns=turns,
                                owner=owner if key.admin else None)
               for cid, owner, turns in found if key.admin or owner == key.id]
@@ -37,7 +37,7 @@ def show_conversation(conversation_id: str) -> Response:
     keys' conversations, it does not read them."""
     memory = _find(conversation_id, manage=False)
     turns = [TurnInfo(user=t.user, assistant=t.assistant, partial=t.partial,
-                      done_reason=t.done_reason) for t in memory.get_history(conversation_id)]
+                      done_reason=t.done_reason) for t in memory.history(conversation_id)]
     return jsonify(ConversationTurns(conversation_id=conversation_id, turns=turns).model_dump())
 
 
@@ -57,7 +57,7 @@ def forget_conversation(conversation_id: str) -> Response:
     return jsonify(Forgotten(conversation_id=conversation_id, status="deleted").model_dump())
 
 
-def _find(conversation_id: str, manage: bool) -> MemoryStore:
+def _find(conversation_id: str, manage: bool) -> Store:
     """The memory that holds a conversation the key may manage.
 
     :raise ConversationNotFound: 404 for an unknown, malformed or another key's id.

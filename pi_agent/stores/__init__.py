@@ -1,0 +1,1 @@
+"""Stores of conversation memory beside memory.py's in-process one: SQLite (``sqlite.py``)."""
