@@ -132,6 +132,7 @@ def _store(settings: Settings) -> Store:
         return MemoryStore(**bounds)
     try:
         return SqliteStore(state_file(settings.state_dir), synchronous=settings.sqlite_sync,
+                           busy_seconds=settings.sqlite_busy_seconds,
                            one_thread=_one_thread_kind(), **bounds)
     except StoreFileError as exc:
         raise ConfigError(f"PI_AGENT_STORE=sqlite: {exc}") from None

@@ -160,6 +160,7 @@ class Settings:
     # state_dir that survives restarts (see stores/sqlite.py).
     store: str = _setting("memory", _choice("memory", "sqlite"))
     sqlite_sync: str = _setting("normal", _choice("normal", "full"))
+    sqlite_busy_seconds: float = _setting(5.0, _number(0, 600, low_open=True))
     connect_timeout: float = _setting(DEFAULT_CONNECT_TIMEOUT, _number(0, 600, low_open=True))
     first_token_timeout: float = _setting(DEFAULT_FIRST_TOKEN_TIMEOUT,
                                           _number(0, 86_400, low_open=True))

@@ -222,6 +222,16 @@ def test_a_key_over_its_cap_loses_only_its_own_conversations(make_store: MakeSto
     assert store.bytes_used == recount(store)
 
 
+def test_a_conversation_belongs_to_the_key_that_made_it(make_store: MakeStore) -> None:
+    store = make_store()
+    assert store.owner("c") is None
+    store.append("c", Turn("q", "a"), owner="key_a")
+    store.append("c", Turn("q", "a"), owner="key_b")  # the views refuse this; the store
+    assert store.owner("c") == "key_a"               # keeps the first owner regardless
+    assert store.conversations() == [("c", "key_a", 2)]
+    assert store.forget("c") and store.owner("c") is None and not store.forget("c")
+
+
 def test_the_local_user_is_bounded_by_the_store_alone(make_store: MakeStore) -> None:
     store = make_store(max_conversations=20, max_per_key=3)
     for i in range(10):

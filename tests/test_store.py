@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from pi_agent.memory import Turn
 from pi_agent.stores.sqlite import SqliteStore
 from pi_agent.stores.sqlite_file import FILE_NAME, SCHEMA_VERSION, prepare
 
+from .conftest import state
 from .fake_ollama import FakeOllama
 from .live_server import ROOT, STARTUP_SECONDS, Gunicorn, gunicorn_command, server_env, serving
 from .test_gunicorn import child_pids
@@ -65,7 +67,11 @@ def test_a_killed_worker_and_a_restart_lose_no_turn_and_no_token(
             assert chat(server.url, key, "kept", f"q{i}").json()["reply"] == ANSWER
         streamed = chat(server.url, key, "kept", "q3", stream=True)
         assert streamed.text == ANSWER
-        assert tokens_left(server.url, key) == 100 - 4 * TOKENS
+        # A turn that remembers nothing: its tokens are written alone.
+        assert requests.post(server.url + "/api/chat", headers={"X-API-Key": key}, timeout=30,
+                             json={"model": "llama3.2:1b", "stream": False, "messages": [
+                                 {"role": "user", "content": "hi"}]}).status_code == 200
+        assert tokens_left(server.url, key) == 100 - 5 * TOKENS
         assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(state_dir / FILE_NAME).st_mode) == 0o600
 
@@ -79,16 +85,16 @@ def test_a_killed_worker_and_a_restart_lose_no_turn_and_no_token(
         assert reborn != worker
         _wait_healthy(server)
         assert remembered(server.url, key, "kept") == ["q0", "q1", "q2", "q3"]
-        assert tokens_left(server.url, key) == 100 - 4 * TOKENS
+        assert tokens_left(server.url, key) == 100 - 5 * TOKENS
 
     with serving(tmp_path / "second.log", **settings) as server:
         assert remembered(server.url, key, "kept") == ["q0", "q1", "q2", "q3"]
-        assert tokens_left(server.url, key) == 100 - 4 * TOKENS
+        assert tokens_left(server.url, key) == 100 - 5 * TOKENS
         assert chat(server.url, key, "kept", "q4").status_code == 200
         sent = fake.chat_requests()[-1]["messages"]
         assert [m["content"] for m in sent if m["role"] == "user"] == [
             "q0", "q1", "q2", "q3", "q4"]
-        assert tokens_left(server.url, key) == 100 - 5 * TOKENS
+        assert tokens_left(server.url, key) == 100 - 6 * TOKENS
 
 
 def _wait_healthy(server: Gunicorn) -> None:
@@ -248,12 +254,101 @@ def test_idle_conversations_are_swept_from_the_file(tmp_path: Path) -> None:
 
 def test_the_app_remembers_in_the_file(make_app: Callable[..., Flask], tmp_path: Path,
                                        fake_ollama: FakeOllama) -> None:
-    """The threads of the store in a server without gevent (here, Flask's test client)."""
+    """The threads of the store in a server without gevent (here, Flask's test client); the
+    local user's tokens are counted too (a key without a daily quota may get one)."""
     settings = {"STORE": "sqlite", "STATE_DIR": str(tmp_path)}
     client = make_app(**settings).test_client()
     for message in ("q0", "q1"):
         assert client.post("/chat", json={"message": message,
                                           "conversation_id": "c"}).status_code == 200
-    again = make_app(**settings).test_client()  # a second app on the same file
-    turns = again.get("/conversations/c").get_json()["turns"]
+    app = make_app(**settings)  # a second app on the same file
+    turns = app.test_client().get("/conversations/c").get_json()["turns"]
     assert [(t["user"], t["assistant"]) for t in turns] == [("q0", ANSWER), ("q1", ANSWER)]
+    today = datetime.now(timezone.utc).date().isoformat()
+    assert state(app).store.tokens_used("local", today) == 2 * TOKENS
+
+
+def test_a_sweep_applies_lowered_bounds(tmp_path: Path) -> None:
+    path = str(tmp_path / FILE_NAME)
+    wide = SqliteStore(path, max_turns=10, ttl_seconds=600, max_conversations=100,
+                       max_per_key=10, sweep_seconds=0)
+    try:
+        for i in range(6):
+            wide.append(f"a-{i}", Turn("q", "a"), owner="key_a")
+        for i in range(6):
+            wide.append("long", Turn(f"q{i}", "a"), owner="key_b")
+        wide.append("huge", Turn("q", "x" * 2000), owner="key_c")
+    finally:
+        wide.close()
+    narrow = SqliteStore(path, max_turns=3, ttl_seconds=600, max_conversations=5,
+                         max_per_key=2, keep_on_drop=1, sweep_seconds=0)
+    try:
+        narrow.sweep()
+        # The cap (the least recently used go), each key's cap, the turn bound (in one
+        # block: the newest turn stays).
+        assert narrow.conversations() == [("huge", "key_c", 1), ("long", "key_b", 1),
+                                          ("a-5", "key_a", 1), ("a-4", "key_a", 1)]
+        assert [t.user for t in narrow.history("long")] == ["q5"]
+    finally:
+        narrow.close()
+    small = SqliteStore(path, max_turns=3, ttl_seconds=600, max_conversations=5,
+                        max_bytes=1000, sweep_seconds=0)
+    try:
+        small.sweep()
+        # Over the budget, the others go first; the newest turn alone over it stays, as
+        # MemoryStore keeps it until the next one.
+        assert small.conversations() == [("huge", "key_c", 1)]
+    finally:
+        small.close()
+
+
+def test_a_store_that_is_down_is_503_in_each_fronts_shape(
+    fake: FakeOllama, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another process holds the file in exclusive locking mode (nobody else may read it)
+    for longer than PI_AGENT_SQLITE_BUSY_SECONDS: what needs the store answers 503
+    store_unavailable, the /api front (which remembers nothing) still answers, and all
+    answer again once the lock is gone."""
+    keys = tmp_path / "keys.json"
+    key = create_key(keys, capsys, "--name", "counted", "--tokens-per-day", "100")
+    headers = {"X-API-Key": key}
+    with serving(tmp_path / "server.log", STORE="sqlite", STATE_DIR=str(tmp_path),
+                 SQLITE_BUSY_SECONDS="0.2", KEYS_FILE=str(keys), OLLAMA_URL=fake.url) as server:
+        holder = sqlite3.connect(tmp_path / FILE_NAME, isolation_level=None)
+        try:
+            holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+            holder.execute("BEGIN EXCLUSIVE")
+            holder.execute("INSERT OR REPLACE INTO meta VALUES ('held', 'by the test')")
+            holder.execute("COMMIT")  # the lock stays: exclusive locking mode
+            native = requests.post(server.url + "/chat", json={"message": "hi"},
+                                   headers=headers, timeout=30)
+            assert native.status_code == 503
+            assert native.json()["error"]["code"] == "store_unavailable"
+            listed = requests.get(server.url + "/conversations", headers=headers, timeout=30)
+            assert listed.status_code == 503
+            openai = requests.post(server.url + "/v1/chat/completions", headers=headers,
+                                   timeout=30, json={"model": "llama3.2:1b", "messages": [
+                                       {"role": "user", "content": "hi"}]})
+            assert openai.status_code == 503
+            assert openai.json()["error"]["code"] == "store_unavailable"
+        finally:
+            holder.close()
+        assert "Traceback" not in server.log.read_text()
+        assert chat(server.url, key, "c", "q0").status_code == 200
+        assert remembered(server.url, key, "c") == ["q0"]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_lone_surrogates_are_kept_as_they_came(tmp_path: Path, kind: str) -> None:
+    from pi_agent.memory import MemoryStore, Store
+
+    store: Store = (MemoryStore(3, 60, 3) if kind == "memory"
+                    else SqliteStore(str(tmp_path / FILE_NAME), 3, 60, 3, sweep_seconds=0))
+    try:
+        turn = Turn("half \ud83d of an emoji", "and \ude00 the other", done_reason="stop")
+        store.append("c", turn)
+        assert store.history("c") == [turn]
+        assert store.bytes_used == 1 + len(("half \ud83d of an emoji" "and \ude00 the other")
+                                           .encode("utf-8", "surrogatepass"))
+    finally:
+        store.close()

@@ -247,7 +247,12 @@ class EventRelay:
                 self._take = EventRelay._classified
                 return b""
             return self._routed(decision)
-        self._start(turn.streamer(), turn.build_call())
+        try:
+            call = turn.build_call()
+        except PiAgentError as exc:  # the store could not give the history
+            self._outcome = "failed"
+            return self._fail(exc)
+        self._start(turn.streamer(), call)
         return b""
 
     def _routed(self, decision: Decision) -> bytes:
@@ -257,11 +262,12 @@ class EventRelay:
         self._classifying = False
         try:
             events = self._turn.take_route(decision)
+            call = self._turn.build_call()
         except PiAgentError as exc:  # the route's agent cannot answer: the turn fails there
             self._outcome = "failed"
             routed = Routed(decision.route, decision.agent, decision.by)
             return self._encode(routed) + self._fail(exc)
-        self._start(self._turn.streamer(), self._turn.build_call())
+        self._start(self._turn.streamer(), call)
         return b"".join(map(self._encode, events))
 
     def _start(self, streamer: Streamer, call: ChatCall) -> None:

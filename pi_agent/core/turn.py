@@ -168,7 +168,10 @@ class Turn:
             self._spend(tokens)
 
     def _spend(self, tokens: int) -> None:
-        day = self._meter(tokens)
+        try:
+            day = self._meter(tokens)
+        except StoreUnavailable:  # a new day's count could not be read: logged by the store
+            return
         if day is not None:
             self._spent[(self._owner, day)] += tokens
 
@@ -252,6 +255,7 @@ class Turn:
         except StoreUnavailable:
             logger.error("the answer of conversation %s was not remembered",
                          self.conversation_id)
+            self._spent.update(spent)  # release tries to write the tokens alone
 
     def stream(self, encoder: Encoder) -> EventRelay:
         """The turn as an event stream, written by ``encoder``; see relay.py."""
@@ -379,12 +383,13 @@ class Turn:
             self._upstream.close()
         if self.watch is not None:
             self.watch.stop()
-        if self._spent:  # tokens of a turn that remembered nothing
-            try:
-                self._turns.store.spend(self._spent)
-            except StoreUnavailable:
-                logger.error("the tokens of a turn of key %s were not written", self._owner)
-            self._spent.clear()
-        self.abort.set_handler(None)  # the connection may go back to the pool
-        self._turns.admission.leave(self.ticket)
-        self._turns.running.remove(self.conversation_id, self._cancel)
+        try:
+            if self._spent:  # tokens of a turn that remembered nothing
+                spent, self._spent = self._spent, Counter()
+                self._turns.store.spend(spent)
+        except StoreUnavailable:
+            logger.error("the tokens of a turn of key %s were not written", self._owner)
+        finally:
+            self.abort.set_handler(None)  # the connection may go back to the pool
+            self._turns.admission.leave(self.ticket)
+            self._turns.running.remove(self.conversation_id, self._cancel)

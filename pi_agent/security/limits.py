@@ -93,9 +93,10 @@ class Limits:
         return functools.partial(self.add_tokens, key)
 
     def add_tokens(self, key: ApiKey, count: int) -> str | None:
-        """Count a turn's completion tokens against the key's day; return the day (UTC,
-        YYYY-MM-DD), or None when nothing was counted (the key has no daily quota)."""
-        if key.tokens_per_day is None or count <= 0:
+        """Count a turn's completion tokens against the key's day, also of a key without a
+        daily quota (one may be given to it during the day); return the day (UTC,
+        YYYY-MM-DD), or None when there was nothing to count."""
+        if count <= 0:
             return None
         with self._lock:
             day = self._today().date().isoformat()

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from ..config import LOCAL_ID
 from ..errors import StoreUnavailable
@@ -71,6 +71,11 @@ def _read_text(value: bytes) -> str:
     return value.decode("utf-8", "surrogatepass")
 
 
+def _plain(value: str) -> str:
+    """A short text kept as TEXT (the model's done reason), without lone surrogates."""
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 class SqliteStore:
     """A ``memory.Store`` in the SQLite file at ``path``, made if missing.
 
@@ -87,6 +92,7 @@ class SqliteStore:
         max_per_key: int = 100,
         keep_on_drop: int = 1,
         synchronous: str = "normal",
+        busy_seconds: float = BUSY_SECONDS,
         clock: Callable[[], float] = time.time,
         one_thread: Callable[[str], OneThread] = PlainThread,
         sweep_seconds: float = 60.0,
@@ -101,6 +107,7 @@ class SqliteStore:
         self.max_per_key = max_per_key
         self.sweep_seconds = sweep_seconds
         self._synchronous = "FULL" if synchronous == "full" else "NORMAL"
+        self._busy_seconds = busy_seconds
         self._clock = clock
         self._one_thread = one_thread
         self._opening = threading.Lock()
@@ -176,7 +183,7 @@ class SqliteStore:
                 "INSERT INTO turns VALUES (?, (SELECT coalesce(max(number), 0) + 1 FROM turns "
                 "WHERE conversation = ?), ?, ?, ?, ?, ?, ?)",
                 (conversation_id, conversation_id, _text(turn.user), _text(turn.assistant),
-                 int(turn.partial), turn.done_reason, turn.tokens, size))
+                 int(turn.partial), _plain(turn.done_reason), turn.tokens, size))
             db.execute("UPDATE conversations SET bytes = bytes + ? WHERE id = ?",
                        (size, conversation_id))
             count = _turn_count(db, conversation_id)
@@ -201,16 +208,32 @@ class SqliteStore:
         return self._write(change)
 
     def sweep(self) -> None:
-        """Forget idle conversations, then the least recently used beyond the cap and the
-        budget (settings may have been lowered since they were written), and old token
-        days."""
+        """Apply the bounds to what the file holds, as the settings say now (they may have
+        been lowered since it was written): forget idle conversations, the least recently
+        used beyond the cap and each key's cap, turns beyond the turn bound (in one block,
+        as an append drops them) and beyond the budget; and old token days."""
         def change(db: Db) -> None:
             self._expire(db, self._clock())
             count = db.execute("SELECT count(*) FROM conversations").fetchone()[0]
             for (cid,) in db.execute("SELECT id FROM conversations ORDER BY used LIMIT ?",
                                      (max(0, count - self.max_conversations),)).fetchall():
                 _remove(db, cid)
-            self._fit_budget(db, "", "")
+            for owner, mine in db.execute(
+                    "SELECT owner, count(*) FROM conversations WHERE owner != ? "
+                    "GROUP BY owner HAVING count(*) > ?",
+                    (LOCAL_ID, self.max_per_key)).fetchall():
+                for (cid,) in db.execute("SELECT id FROM conversations WHERE owner = ? "
+                                         "ORDER BY used LIMIT ?",
+                                         (owner, mine - self.max_per_key)).fetchall():
+                    _remove(db, cid)
+            for cid, turns in db.execute("SELECT conversation, count(*) FROM turns "
+                                         "GROUP BY conversation HAVING count(*) > ?",
+                                         (self.max_turns,)).fetchall():
+                self._drop_oldest(db, cid, turns - self.keep_on_drop)
+            newest = db.execute("SELECT id, owner FROM conversations ORDER BY used DESC "
+                                "LIMIT 1").fetchone()
+            if newest is not None:  # it keeps its newest turn, as after an append
+                self._fit_budget(db, newest[0], newest[1])
             oldest = datetime.now(timezone.utc).date() - timedelta(days=TOKEN_DAYS_KEPT)
             db.execute("DELETE FROM token_days WHERE day < ?", (oldest.isoformat(),))
 
@@ -291,8 +314,9 @@ class SqliteStore:
 
         def job() -> T:
             if self._read_db is None:
-                self._read_db = self._connect()
-                self._read_db.execute("PRAGMA query_only = ON")
+                db = self._connect()
+                db.execute("PRAGMA query_only = ON")  # no lock: it cannot fail for one
+                self._read_db = db
             return query(self._read_db)
 
         return self._run(reader, job)
@@ -317,18 +341,29 @@ class SqliteStore:
         return self._run(writer, job)
 
     def _run(self, thread: OneThread, job: Callable[[], T]) -> T:
-        try:
-            return thread.run(job)
-        except sqlite3.Error as exc:
-            logger.error("the store %s failed: %s", self.path, exc)
-            raise StoreUnavailable() from None
+        def guarded() -> tuple[T | None, sqlite3.Error | None]:
+            # Caught in the thread: gevent's pool would print a traceback for it.
+            try:
+                return job(), None
+            except sqlite3.Error as exc:
+                return None, exc
+
+        result, error = thread.run(guarded)
+        if error is not None:
+            logger.error("the store %s failed: %s", self.path, error)
+            raise StoreUnavailable()
+        return cast(T, result)
 
     def _connect(self) -> Db:
         # Made in the thread that uses it; check_same_thread is off because a pool may
         # replace a thread, not because two threads share a connection.
-        db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None,
+        db = sqlite3.connect(self.path, timeout=self._busy_seconds, isolation_level=None,
                              check_same_thread=False)
-        db.execute(f"PRAGMA synchronous = {self._synchronous}")
+        try:
+            db.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.Error:
+            db.close()
+            raise
         return db
 
     def _threads(self) -> tuple[OneThread, OneThread]:

@@ -18,6 +18,7 @@ from ..errors import (
     LocalOnly,
     NotAllowed,
     RateLimited,
+    StoreUnavailable,
     Unauthenticated,
 )
 from ..security.exposure import is_loopback
@@ -83,7 +84,13 @@ def add_limit_headers(response: Response) -> Response:
     key: ApiKey | None = g.get("api_key")
     if key is None or (key.rpm is None and key.tokens_per_day is None):
         return response
-    requests, tokens = g.get("standing") or current_state().limits.standing(key)
+    standing = g.get("standing")
+    if standing is None:
+        try:
+            standing = current_state().limits.standing(key)
+        except StoreUnavailable:  # the answer says so already: no headers rather than a 500
+            return response
+    requests, tokens = standing
     if requests is not None:
         response.headers["X-RateLimit-Limit"] = str(requests.limit)
         response.headers["X-RateLimit-Remaining"] = str(requests.remaining)
