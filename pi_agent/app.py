@@ -130,6 +130,11 @@ def _store(settings: Settings) -> Store:
     }
     if settings.store == "memory":
         return MemoryStore(**bounds)
+    if settings.store == "redis":
+        # Imported here: the client library costs a few MiB, for those who use it only.
+        from .stores.redis import RedisStore
+
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, **bounds)
     try:
         return SqliteStore(state_file(settings.state_dir), synchronous=settings.sqlite_sync,
                            busy_seconds=settings.sqlite_busy_seconds,

@@ -105,6 +105,12 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _redis_url(value: Any) -> str:
+    if not isinstance(value, str) or not re.match(r"^(rediss?://[^/\s]+|unix:///\S+)", value):
+        raise ValueError("must be a redis://host:port/db, rediss:// or unix:///path URL")
+    return value.strip()
+
+
 def _keep_alive(value: Any) -> int | str:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -158,9 +164,11 @@ class Settings:
     memory_max_per_key: int = _setting(100, _integer(1, 1_000_000))
     # Where memory and the daily token counts live: this process, or a SQLite file in
     # state_dir that survives restarts (see stores/sqlite.py).
-    store: str = _setting("memory", _choice("memory", "sqlite"))
+    store: str = _setting("memory", _choice("memory", "sqlite", "redis"))
     sqlite_sync: str = _setting("normal", _choice("normal", "full"))
     sqlite_busy_seconds: float = _setting(5.0, _number(0, 600, low_open=True))
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", _redis_url)
+    redis_prefix: str = _setting("pi-agent:", _text(100))
     connect_timeout: float = _setting(DEFAULT_CONNECT_TIMEOUT, _number(0, 600, low_open=True))
     first_token_timeout: float = _setting(DEFAULT_FIRST_TOKEN_TIMEOUT,
                                           _number(0, 86_400, low_open=True))

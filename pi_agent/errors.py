@@ -242,6 +242,11 @@ class StoreUnavailable(PiAgentError):
     code = 503
     error_code = "store_unavailable"
     description = "the conversation store cannot be read or written: see the server's log"
+    # A store that is down (a Redis restarting, a lock held by a backup) is back in seconds.
+    retry_after = 5
+
+    def get_headers(self) -> list[tuple[str, str]]:
+        return [*super().get_headers(), ("Retry-After", str(self.retry_after))]
 
 
 class QueueFull(TryLater):

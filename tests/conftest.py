@@ -14,6 +14,7 @@ from pi_agent import create_app
 from pi_agent.state import EXTENSION_KEY, AppState
 
 from .fake_ollama import FakeOllama
+from .redis_server import RedisServer
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +44,16 @@ def running_fake() -> Iterator[FakeOllama]:
 def fake_ollama() -> Iterator[FakeOllama]:
     with running_fake() as fake:
         yield fake
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; each user keeps to a prefix of its own."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
 """The stores of memory, each held to the same tests: turns, TTL, LRU eviction, partial
 answers, concurrent appends, the byte budget, the cap per key and the tokens of each day.
-Every test runs against the in-process store and the SQLite store."""
+Every test runs against the in-process store, the SQLite store and the Redis store (a real
+redis-server)."""
 from __future__ import annotations
 
 import random
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pi_agent.memory import MemoryStore, Store, Turn
+from pi_agent.stores.redis import RedisStore
 from pi_agent.stores.sqlite import SqliteStore
 
 
@@ -26,7 +29,7 @@ class Clock:
 MakeStore = Callable[..., Store]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeStore]:
     """Make stores of the kind the test runs with (bounds as keywords); closed after it."""
     made: list[Store] = []
@@ -36,6 +39,10 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
         store: Store
         if request.param == "memory":
             store = MemoryStore(clock=clock or Clock(), **settings)  # type: ignore[arg-type]
+        elif request.param == "redis":
+            server = request.getfixturevalue("redis_server")
+            store = RedisStore(server.url, prefix=f"{uuid.uuid4().hex}:", sweep_seconds=0,
+                               clock=clock or Clock(), **settings)  # type: ignore[arg-type]
         else:
             store = SqliteStore(str(tmp_path / f"store-{len(made)}" / "store.sqlite3"),
                                 clock=clock or Clock(), **settings)  # type: ignore[arg-type]
@@ -144,21 +151,21 @@ def test_history_is_a_copy(make_store: MakeStore) -> None:
 
 def test_concurrent_appends_lose_nothing(make_store: MakeStore) -> None:
     store = make_store(max_turns=10_000, max_conversations=100)
-    start = threading.Barrier(16)
+    start = threading.Barrier(8)
 
     def append(worker: int) -> None:
         start.wait()
-        for i in range(200):
+        for i in range(100):
             store.append(f"c{worker % 4}", Turn(f"{worker}-{i}", "a"))
             store.history(f"c{(worker + 1) % 4}")
 
-    threads = [threading.Thread(target=append, args=(w,)) for w in range(16)]
+    threads = [threading.Thread(target=append, args=(w,)) for w in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     turns = [t.user for cid in ("c0", "c1", "c2", "c3") for t in store.history(cid)]
-    assert len(turns) == 16 * 200 == len(set(turns))
+    assert len(turns) == 8 * 100 == len(set(turns))
 
 
 def recount(store: Store) -> int:
@@ -317,3 +324,13 @@ def test_tokens_stay_when_their_conversation_goes(make_store: MakeStore) -> None
     assert store.forget("c")
     clock.now += 3600
     assert store.tokens_used("key_a", "2026-12-05") == 9
+
+
+def test_lone_surrogates_are_kept_as_they_came(make_store: MakeStore) -> None:
+    """JSON lets a message carry half of a surrogate pair; it comes back as it went in."""
+    store = make_store()
+    turn = Turn("half \ud83d of an emoji", "and \ude00 the other")
+    store.append("c", turn)
+    assert store.history("c") == [turn]
+    assert store.bytes_used == 1 + len(("half \ud83d of an emoji" "and \ude00 the other")
+                                       .encode("utf-8", "surrogatepass"))

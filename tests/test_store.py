@@ -336,19 +336,3 @@ def test_a_store_that_is_down_is_503_in_each_fronts_shape(
         assert "Traceback" not in server.log.read_text()
         assert chat(server.url, key, "c", "q0").status_code == 200
         assert remembered(server.url, key, "c") == ["q0"]
-
-
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-def test_lone_surrogates_are_kept_as_they_came(tmp_path: Path, kind: str) -> None:
-    from pi_agent.memory import MemoryStore, Store
-
-    store: Store = (MemoryStore(3, 60, 3) if kind == "memory"
-                    else SqliteStore(str(tmp_path / FILE_NAME), 3, 60, 3, sweep_seconds=0))
-    try:
-        turn = Turn("half \ud83d of an emoji", "and \ude00 the other", done_reason="stop")
-        store.append("c", turn)
-        assert store.history("c") == [turn]
-        assert store.bytes_used == 1 + len(("half \ud83d of an emoji" "and \ude00 the other")
-                                           .encode("utf-8", "surrogatepass"))
-    finally:
-        store.close()

@@ -1,0 +1,374 @@
+"""Memory shared by several workers and gateways: the ``Store`` of memory.py in Redis.
+
+Bounded as ``MemoryStore`` is, with the same rules (the contract tests run against every
+store). A finished turn, a forget and a sweep are each one Lua script, which Redis runs
+atomically: one turn is one step for every gateway that shares the store. Reads are plain
+commands in one MULTI. Idle time is counted on the clock of the gateway that writes (the
+wall clock), so that every gateway forgets a conversation at the same moment.
+
+Keys, each under the prefix (``PI_AGENT_REDIS_PREFIX``):
+
+- ``conv:<id>``: a hash of the conversation's owner, last use and bytes;
+- ``turns:<id>``: a list of its turns, oldest first, each ``<bytes>|<JSON>`` (the JSON
+  escapes lone surrogates, so any message round-trips);
+- ``by_use`` and ``by_idle``: sorted sets of the conversation ids by their last use (a
+  counter, for least recently used) and by its time (for the TTL);
+- ``owner_count``, ``owner_bytes`` and ``bytes``: what each key keeps, and all of it;
+- ``tokens:<key id>:<day>``: a key's completion tokens of a UTC day (kept 32 days).
+
+The client library is imported when this store is used only (it costs a few MiB). Every
+command has a short timeout and one retry: when Redis is down or frozen, what needs the
+store answers 503 within a second instead of waiting.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..config import LOCAL_ID
+from ..errors import StoreUnavailable
+from ..memory import Spent, Turn, turn_size
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 0.25
+SOCKET_TIMEOUT = 0.5
+TOKEN_DAYS_SECONDS = 32 * 86_400
+
+# The rules of MemoryStore, in Lua. ARGV[1] is the prefix; every mode reads its own
+# arguments after the bounds (ARGV[2..9]).
+SCRIPT = """
+local P = ARGV[1]
+local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_turns, keep_on_drop = tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_conversations, max_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
+local max_per_key, local_id = tonumber(ARGV[8]), ARGV[9]
+local mode = ARGV[10]
+
+local function size_of(item)
+  return tonumber(string.match(item, '^(%d+)|'))
+end
+
+local function count(cid, owner, size)
+  redis.call('HINCRBY', P .. 'conv:' .. cid, 'bytes', size)
+  redis.call('HINCRBY', P .. 'owner_bytes', owner, size)
+  redis.call('INCRBY', P .. 'bytes', size)
+end
+
+local function remove(cid)
+  local conv = P .. 'conv:' .. cid
+  local owner = redis.call('HGET', conv, 'owner')
+  if not owner then return 0 end
+  local size = tonumber(redis.call('HGET', conv, 'bytes'))
+  redis.call('DEL', conv, P .. 'turns:' .. cid)
+  redis.call('ZREM', P .. 'by_use', cid)
+  redis.call('ZREM', P .. 'by_idle', cid)
+  redis.call('DECRBY', P .. 'bytes', size)
+  if redis.call('HINCRBY', P .. 'owner_count', owner, -1) <= 0 then
+    redis.call('HDEL', P .. 'owner_count', owner)
+    redis.call('HDEL', P .. 'owner_bytes', owner)
+  else
+    redis.call('HINCRBY', P .. 'owner_bytes', owner, -size)
+  end
+  return 1
+end
+
+local function drop_oldest(cid, owner, n)
+  for _ = 1, n do
+    local item = redis.call('LPOP', P .. 'turns:' .. cid)
+    if not item then return end
+    count(cid, owner, -size_of(item))
+  end
+end
+
+local function expire()
+  for _, cid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'by_idle', '-inf', now - ttl)) do
+    remove(cid)
+  end
+end
+
+local function oldest_of(owner, but)
+  for _, cid in ipairs(redis.call('ZRANGE', P .. 'by_use', 0, -1)) do
+    if cid ~= but and redis.call('HGET', P .. 'conv:' .. cid, 'owner') == owner then
+      return cid
+    end
+  end
+  return nil
+end
+
+local function cap()
+  local over = redis.call('ZCARD', P .. 'by_use') - max_conversations
+  if over > 0 then
+    for _, cid in ipairs(redis.call('ZRANGE', P .. 'by_use', 0, over - 1)) do remove(cid) end
+  end
+end
+
+-- Over the budget, the key that keeps the most gives way (MemoryStore._fit_budget).
+local function fit_budget(newest, newest_owner)
+  while tonumber(redis.call('GET', P .. 'bytes') or '0') > max_bytes do
+    local heavy, most = nil, -1
+    local owners = redis.call('HGETALL', P .. 'owner_bytes')
+    for i = 1, #owners, 2 do
+      local kept = tonumber(owners[i + 1])
+      if kept > most then heavy, most = owners[i], kept end
+    end
+    local victim = oldest_of(heavy, newest)
+    if victim then
+      remove(victim)
+    elseif heavy == newest_owner and redis.call('LLEN', P .. 'turns:' .. newest) > 1 then
+      drop_oldest(newest, newest_owner, 1)
+    else
+      local other = nil
+      for _, cid in ipairs(redis.call('ZRANGE', P .. 'by_use', 0, 1)) do
+        if cid ~= newest then other = cid break end
+      end
+      if not other then return end
+      remove(other)
+    end
+  end
+end
+
+local function spend(first)
+  for i = first, #ARGV, 3 do
+    local key = P .. 'tokens:' .. ARGV[i] .. ':' .. ARGV[i + 1]
+    redis.call('INCRBY', key, ARGV[i + 2])
+    redis.call('EXPIRE', key, 2764800)
+  end
+end
+
+if mode == 'append' then
+  local cid, owner, drop = ARGV[11], ARGV[12], tonumber(ARGV[13])
+  local item, size, id_bytes = ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16])
+  expire()
+  local conv = P .. 'conv:' .. cid
+  local use = redis.call('INCR', P .. 'use')
+  local kept_by = redis.call('HGET', conv, 'owner')
+  if not kept_by then
+    if owner ~= local_id and
+        tonumber(redis.call('HGET', P .. 'owner_count', owner) or '0') >= max_per_key then
+      remove(oldest_of(owner, cid))
+    end
+    kept_by = owner
+    redis.call('HSET', conv, 'owner', owner, 'bytes', 0)
+    redis.call('HINCRBY', P .. 'owner_count', owner, 1)
+    count(cid, owner, id_bytes)
+  end
+  redis.call('HSET', conv, 'last_used', ARGV[2])
+  redis.call('ZADD', P .. 'by_use', use, cid)
+  redis.call('ZADD', P .. 'by_idle', now, cid)
+  cap()
+  drop_oldest(cid, kept_by, drop)
+  redis.call('RPUSH', P .. 'turns:' .. cid, item)
+  count(cid, kept_by, size)
+  local turns = redis.call('LLEN', P .. 'turns:' .. cid)
+  if turns > max_turns then drop_oldest(cid, kept_by, turns - keep_on_drop) end
+  fit_budget(cid, kept_by)
+  spend(17)
+  return 1
+elseif mode == 'forget' then
+  return remove(ARGV[11])
+elseif mode == 'spend' then
+  spend(11)
+  return 1
+elseif mode == 'sweep' then
+  expire()
+  cap()
+  local owners = redis.call('HGETALL', P .. 'owner_count')
+  for i = 1, #owners, 2 do
+    local owner, mine = owners[i], tonumber(owners[i + 1])
+    if owner ~= local_id then
+      for _ = 1, mine - max_per_key do remove(oldest_of(owner, '')) end
+    end
+  end
+  for _, cid in ipairs(redis.call('ZRANGE', P .. 'by_use', 0, -1)) do
+    local turns = redis.call('LLEN', P .. 'turns:' .. cid)
+    if turns > max_turns then
+      drop_oldest(cid, redis.call('HGET', P .. 'conv:' .. cid, 'owner'), turns - keep_on_drop)
+    end
+  end
+  local newest = redis.call('ZRANGE', P .. 'by_use', -1, -1)[1]
+  if newest then fit_budget(newest, redis.call('HGET', P .. 'conv:' .. newest, 'owner')) end
+  return 1
+end
+return redis.error_reply('unknown mode ' .. tostring(mode))
+"""
+
+
+class RedisStore:
+    """A ``memory.Store`` in the Redis at ``url`` (``redis://host:port/db``,
+    ``unix:///path?db=0``), under ``prefix``. Nothing connects until the first command."""
+
+    def __init__(
+        self,
+        url: str,
+        max_turns: int,
+        ttl_seconds: float,
+        max_conversations: int,
+        max_bytes: int = 32 * 1024 * 1024,
+        max_per_key: int = 100,
+        keep_on_drop: int = 1,
+        prefix: str = "pi-agent:",
+        clock: Callable[[], float] = time.time,
+        sweep_seconds: float = 60.0,
+    ) -> None:
+        self.url = url
+        self.max_turns = max_turns
+        self.keep_on_drop = max(1, min(keep_on_drop, max_turns - 1))
+        self.ttl_seconds = ttl_seconds
+        self.max_conversations = max_conversations
+        self.max_bytes = max_bytes
+        self.max_per_key = max_per_key
+        self.sweep_seconds = sweep_seconds
+        self._prefix = prefix
+        self._clock = clock
+        # redis-py's pool opens connections on use, and again in a process after a fork.
+        # Its replies are typed as a union of every reply: Any, checked by the tests.
+        self._redis: Any = redis.Redis.from_url(
+            url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
+            retry=Retry(NoBackoff(), 1), decode_responses=True)
+        self._script = self._redis.register_script(SCRIPT)
+        self._closed = threading.Event()
+        self._sweeping = False
+        self._start_lock = threading.Lock()
+
+    # -- reads
+
+    def history(self, conversation_id: str) -> list[Turn]:
+        with self._talking():
+            pipe = self._redis.pipeline()
+            pipe.hget(self._key("conv:", conversation_id), "last_used")
+            pipe.lrange(self._key("turns:", conversation_id), 0, -1)
+            last_used, items = pipe.execute()
+        if last_used is None or not self._alive(last_used):
+            return []
+        return [_turn(item) for item in items]
+
+    def owner(self, conversation_id: str) -> str | None:
+        with self._talking():
+            owner, last_used = self._redis.hmget(self._key("conv:", conversation_id),
+                                                 ["owner", "last_used"])
+        if owner is None or last_used is None or not self._alive(last_used):
+            return None
+        return str(owner)
+
+    def conversations(self) -> list[tuple[str, str, int]]:
+        with self._talking():
+            ids = self._redis.zrevrange(self._key("by_use"), 0, -1)
+            pipe = self._redis.pipeline()
+            for cid in ids:
+                pipe.hmget(self._key("conv:", cid), ["owner", "last_used"])
+                pipe.llen(self._key("turns:", cid))
+            found = pipe.execute()
+        listed = []
+        for cid, (owner, last_used), turns in zip(ids, found[::2], found[1::2]):
+            if owner is not None and last_used is not None and self._alive(last_used):
+                listed.append((str(cid), str(owner), int(turns)))
+        return listed
+
+    def tokens_used(self, key_id: str, day: str) -> int:
+        with self._talking():
+            used = self._redis.get(self._key("tokens:", f"{key_id}:{day}"))
+        return int(used) if used is not None else 0
+
+    @property
+    def bytes_used(self) -> int:
+        """The UTF-8 bytes of everything kept (idle conversations not counted)."""
+        with self._talking():
+            ids = self._redis.zrangebyscore(self._key("by_idle"),
+                                            f"({self._clock() - self.ttl_seconds!r}", "+inf")
+            pipe = self._redis.pipeline()
+            for cid in ids:
+                pipe.hget(self._key("conv:", cid), "bytes")
+            sizes = pipe.execute()
+        return sum(int(size) for size in sizes if size is not None)
+
+    def __len__(self) -> int:
+        return len(self.conversations())
+
+    def __contains__(self, conversation_id: object) -> bool:
+        return isinstance(conversation_id, str) and self.owner(conversation_id) is not None
+
+    # -- writes: one script each
+
+    def append(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID,
+               drop: int = 0, spent: Spent | None = None) -> None:
+        """One atomic step: see ``MemoryStore.append`` for what it does."""
+        item = json.dumps([turn.user, turn.assistant, turn.partial, turn.done_reason,
+                           turn.tokens])
+        size = turn_size(turn)
+        self._run("append", conversation_id, owner, drop, f"{size}|{item}", size,
+                  len(conversation_id.encode()), *_flat(spent or {}))
+
+    def spend(self, spent: Spent) -> None:
+        if spent:
+            self._run("spend", *_flat(spent))
+
+    def forget(self, conversation_id: str) -> bool:
+        return bool(self._run("forget", conversation_id))
+
+    def sweep(self) -> None:
+        """Apply the bounds to what Redis holds, as ``SqliteStore.sweep`` does."""
+        self._run("sweep")
+
+    def close(self) -> None:
+        self._closed.set()
+        self._redis.close()
+
+    # -- the rest
+
+    def _run(self, mode: str, *args: Any) -> Any:
+        self._start_sweeping()
+        bounds = (self._prefix, repr(self._clock()), self.ttl_seconds, self.max_turns,
+                  self.keep_on_drop, self.max_conversations, self.max_bytes, self.max_per_key,
+                  LOCAL_ID, mode)
+        with self._talking():
+            return self._script(args=[*bounds, *args])
+
+    @contextmanager
+    def _talking(self) -> Iterator[None]:
+        try:
+            yield
+        except redis.RedisError as exc:
+            logger.error("the store at %s failed: %s", self.url, exc)
+            raise StoreUnavailable() from None
+
+    def _key(self, kind: str, name: str = "") -> str:
+        return f"{self._prefix}{kind}{name}"
+
+    def _alive(self, last_used: str) -> bool:
+        return float(last_used) > self._clock() - self.ttl_seconds
+
+    def _start_sweeping(self) -> None:
+        if self._sweeping or self.sweep_seconds <= 0:
+            return
+        with self._start_lock:
+            if not self._sweeping:
+                self._sweeping = True
+                threading.Thread(target=self._sweep_every, name="pi-agent-store-sweep",
+                                 daemon=True).start()
+
+    def _sweep_every(self) -> None:
+        while not self._closed.wait(self.sweep_seconds):
+            try:
+                self.sweep()
+            except StoreUnavailable:
+                pass  # logged; the next sweep tries again
+
+
+def _turn(item: str) -> Turn:
+    user, assistant, partial, done_reason, tokens = json.loads(item.split("|", 1)[1])
+    return Turn(user, assistant, bool(partial), done_reason, int(tokens))
+
+
+def _flat(spent: Spent) -> list[Any]:
+    return [part for (key_id, day), count in spent.items() if count > 0
+            for part in (key_id, day, count)]

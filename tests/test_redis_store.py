@@ -1,0 +1,114 @@
+"""The Redis store (PI_AGENT_STORE=redis) in running servers: two gateways on one Redis share
+conversations, their owners and the daily token counts; Redis frozen or stopped answers 503
+store_unavailable where a conversation is needed, the rest keeps working, and all of it
+comes back with Redis."""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from .fake_ollama import FakeOllama
+from .live_server import Gunicorn, serving
+from .redis_server import RedisServer
+from .test_security import create_key
+
+ANSWER = "Hello, world!"
+
+
+def post(url: str, path: str, key: str, **body: Any) -> requests.Response:
+    return requests.post(url + path, json=body, headers={"X-API-Key": key}, timeout=30)
+
+
+def get(url: str, path: str, key: str) -> requests.Response:
+    return requests.get(url + path, headers={"X-API-Key": key}, timeout=30)
+
+
+def test_two_gateways_share_conversations_owners_and_tokens(
+    fake: FakeOllama, redis_server: RedisServer, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys.json"
+    ada = create_key(keys, capsys, "--name", "ada", "--tokens-per-day", "100")
+    bob = create_key(keys, capsys, "--name", "bob")
+    settings = {"STORE": "redis", "REDIS_URL": redis_server.url, "KEYS_FILE": str(keys),
+                "REDIS_PREFIX": f"{uuid.uuid4().hex}:", "OLLAMA_URL": fake.url}
+    with serving(tmp_path / "a.log", **settings) as one, \
+            serving(tmp_path / "b.log", **settings) as other:
+        first = post(one.url, "/chat", ada, message="q0", conversation_id="shared")
+        assert first.json()["reply"] == ANSWER
+        # The other gateway continues it: its prompt carries the first turn.
+        assert post(other.url, "/chat", ada, message="q1",
+                    conversation_id="shared").status_code == 200
+        sent = fake.chat_requests()[-1]["messages"]
+        assert [m["content"] for m in sent if m["role"] == "user"] == ["q0", "q1"]
+        turns = get(one.url, "/conversations/shared", ada).json()["turns"]
+        assert [t["user"] for t in turns] == ["q0", "q1"]
+        # Another key's, on either gateway.
+        assert get(other.url, "/conversations/shared", bob).status_code == 404
+        assert post(other.url, "/chat", bob, message="mine?",
+                    conversation_id="shared").status_code == 404
+        # The tokens of the day, read by a gateway that counted none of them.
+        with serving(tmp_path / "c.log", **settings) as third:
+            standing = get(third.url, "/conversations", ada)
+            assert standing.headers["X-RateLimit-Remaining-Tokens"] == str(100 - 2 * 4)
+        assert requests.delete(other.url + "/conversations/shared", timeout=10,
+                               headers={"X-API-Key": ada}).status_code == 200
+        assert get(one.url, "/conversations/shared", ada).status_code == 404
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to freeze and stop."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _store_unavailable(response: requests.Response) -> bool:
+    return (response.status_code == 503 and response.headers.get("Retry-After") == "5"
+            and response.json()["error"]["code"] == "store_unavailable")
+
+
+def test_redis_frozen_or_gone_is_503_where_a_conversation_is_needed(
+    fake: FakeOllama, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    with serving(tmp_path / "server.log", STORE="redis", REDIS_URL=own_redis.url,
+                 OLLAMA_URL=fake.url) as server:
+        assert requests.post(server.url + "/chat", json={
+            "message": "q0", "conversation_id": "c"}, timeout=10).status_code == 200
+        own_redis.freeze()
+        try:
+            _check_degraded(server)
+        finally:
+            own_redis.thaw()
+        # Back: the conversation is where it was.
+        again = requests.post(server.url + "/chat", timeout=10,
+                              json={"message": "q1", "conversation_id": "c"})
+        assert again.status_code == 200 and again.json()["history"]["turns"] == 1
+        own_redis.stop()
+        _check_degraded(server)
+    assert "Traceback" not in server.log.read_text()
+
+
+def _check_degraded(server: Gunicorn) -> None:
+    """Requests that name or list a conversation: 503 (the client's timeout is far above
+    the store's second); a chat that remembers nothing and /health still answer."""
+    for response in (
+        requests.post(server.url + "/chat", timeout=10,
+                      json={"message": "q", "conversation_id": "c"}),
+        requests.get(server.url + "/conversations", timeout=10),
+        requests.get(server.url + "/conversations/c", timeout=10),
+    ):
+        assert _store_unavailable(response), response.text
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    relayed = requests.post(server.url + "/api/chat", timeout=10, json={
+        "model": "llama3.2:1b", "stream": False,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert relayed.status_code == 200
