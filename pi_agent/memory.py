@@ -61,8 +61,21 @@ class Store(Protocol):
         """The remembered turns of a conversation, oldest first (empty if unknown)."""
 
     def append(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID,
-               drop: int = 0, spent: Spent | None = None) -> None:
-        """Remember ``turn`` as the newest of its conversation (made for ``owner``)."""
+               drop: int = 0, spent: Spent | None = None, claim: str = "") -> None:
+        """Remember ``turn`` as the newest of its conversation (made for ``owner``); with
+        the ``claim`` its turn holds, only while it still holds it (the tokens count
+        anyway)."""
+
+    def claim(self, conversation_id: str) -> str:
+        """Hold a conversation for one turn in every process that shares the store; return
+        what ``let_go`` and ``append`` need ("" for a store of one process, where
+        admission control holds it).
+
+        :raise ConversationBusy: a turn of another process holds it.
+        """
+
+    def let_go(self, conversation_id: str, claim: str) -> None:
+        """End a ``claim``; one that is lost or ended already is left alone."""
 
     def spend(self, spent: Spent) -> None:
         """Count the completion tokens of a turn that remembers nothing."""
@@ -164,7 +177,7 @@ class MemoryStore:
             return [turn for turn, _ in conversation.turns] if conversation is not None else []
 
     def append(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID,
-               drop: int = 0, spent: Spent | None = None) -> None:
+               drop: int = 0, spent: Spent | None = None, claim: str = "") -> None:
         """Remember ``turn`` as the newest of its conversation, evicting what the bounds say.
 
         A new conversation belongs to ``owner``, the id of the API key that made it. The
@@ -195,6 +208,13 @@ class MemoryStore:
     def spend(self, spent: Spent) -> None:
         with self._lock:
             self._spend(spent)
+
+    def claim(self, conversation_id: str) -> str:
+        """One process: admission control holds the conversation."""
+        return ""
+
+    def let_go(self, conversation_id: str, claim: str) -> None:
+        pass
 
     def tokens_used(self, key_id: str, day: str) -> int:
         with self._lock:

@@ -4,6 +4,7 @@ store_unavailable where a conversation is needed, the rest keeps working, and al
 comes back with Redis."""
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,12 @@ from typing import Any
 import pytest
 import requests
 
-from .fake_ollama import FakeOllama
-from .live_server import Gunicorn, serving
+from pi_agent.errors import ConversationBusy
+from pi_agent.memory import Turn
+from pi_agent.stores.redis import RedisStore
+
+from .fake_ollama import FakeOllama, Script
+from .live_server import Gunicorn, RawStream, serving
 from .redis_server import RedisServer
 from .test_security import create_key
 
@@ -112,3 +117,70 @@ def _check_degraded(server: Gunicorn) -> None:
         "model": "llama3.2:1b", "stream": False,
         "messages": [{"role": "user", "content": "hi"}]})
     assert relayed.status_code == 200
+
+
+def _store(server: RedisServer, prefix: str, **options: Any) -> RedisStore:
+    return RedisStore(server.url, max_turns=10, ttl_seconds=600, max_conversations=100,
+                      prefix=prefix, sweep_seconds=0, **options)
+
+
+def test_a_claim_holds_a_conversation_in_every_gateway_until_it_ends_or_runs_out(
+    redis_server: RedisServer
+) -> None:
+    prefix = f"{uuid.uuid4().hex}:"
+    one = _store(redis_server, prefix, claim_seconds=0.6)
+    other = _store(redis_server, prefix, claim_seconds=0.6)
+    try:
+        held = one.claim("c")
+        with pytest.raises(ConversationBusy):
+            other.claim("c")
+        time.sleep(1.5)  # past the lease: renewed while held
+        with pytest.raises(ConversationBusy):
+            other.claim("c")
+        one.append("c", Turn("q0", "a"), claim=held)
+        one.let_go("c", held)
+        taken = other.claim("c")
+        # A turn whose claim was lost (taken by another) counts its tokens only.
+        one.append("c", Turn("late", "a"), claim=held, spent={("key_a", "2026-12-05"): 3})
+        assert [t.user for t in other.history("c")] == ["q0"]
+        assert other.tokens_used("key_a", "2026-12-05") == 3
+        other.close()  # a gateway that dies: its claim is not renewed, and runs out
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                one.let_go("c", one.claim("c"))
+                break
+            except ConversationBusy:
+                assert time.monotonic() < deadline, "the claim did not run out"
+                time.sleep(0.1)
+        assert taken  # ended by its lease, not by let_go
+    finally:
+        one.close()
+        other.close()
+
+
+def test_a_second_turn_of_a_conversation_on_another_gateway_is_409(
+    fake: FakeOllama, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = {"STORE": "redis", "REDIS_URL": redis_server.url,
+                "REDIS_PREFIX": f"{uuid.uuid4().hex}:", "OLLAMA_URL": fake.url}
+    fake.script = Script(tokens=["tok1 ", "tok2 ", "tok3"], token_delay=1.0)
+    with serving(tmp_path / "a.log", **settings) as one, \
+            serving(tmp_path / "b.log", **settings) as other:
+        stream = RawStream(one, message="q0", conversation_id="c")
+        try:
+            stream.read_until(b"tok1")  # the turn runs on the first gateway
+            busy = requests.post(other.url + "/chat", timeout=10,
+                                 json={"message": "q1", "conversation_id": "c"})
+            assert busy.status_code == 409
+            assert busy.json()["error"]["code"] == "conversation_busy"
+            elsewhere = requests.post(other.url + "/chat", timeout=30,
+                                      json={"message": "q", "conversation_id": "d"})
+            assert elsewhere.status_code == 200
+            stream.read_until(b"tok3")
+            stream.read_until(b"0\r\n\r\n")  # the end of the chunked body: remembered
+        finally:
+            stream.close()
+        fake.script = Script()
+        assert requests.post(other.url + "/chat", timeout=30, json={
+            "message": "q1", "conversation_id": "c"}).json()["history"]["turns"] == 1

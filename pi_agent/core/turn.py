@@ -95,8 +95,10 @@ class Turns:
         ``sources`` are the passages found for an agent with knowledge (None: it has none).
         A ``router`` turn has no prompt yet: it gets one from the route it takes.
 
-        :raise ConversationBusy: 409 if the conversation has a turn queued or running.
+        :raise ConversationBusy: 409 if the conversation has a turn queued or running,
+            here or in another gateway that shares the store.
         :raise QueueFull: 429 if every slot is taken and the queue is full.
+        :raise StoreUnavailable: 503 if the store that holds the conversation is down.
         """
         routing = Routing(router, remember or "", self.settings) if router else None
         return Turn(self, conversation_id, key, client, prompt, remember, agent, sources,
@@ -127,6 +129,14 @@ class Turn:
         self._spent: Counter[tuple[str, str]] = Counter()
         self._loop: ToolLoop | None = None  # an agent with tools: the gateway runs them
         self.ticket = turns.admission.enter(conversation_id)
+        # Held in every gateway that shares the store too (Redis); "" where it is this one's.
+        self._claim = ""
+        if self._memory is not None:
+            try:
+                self._claim = self._memory.claim(conversation_id)
+            except BaseException:
+                turns.admission.leave(self.ticket)
+                raise
         # Registered now, not when a stream starts: a cancel may come before that.
         self._cancel = turns.running.add(conversation_id, key.id)
         self.abort = Abort()
@@ -251,7 +261,7 @@ class Turn:
                           tokens=turn_tokens(self._remember, answer, answer_tokens))
         try:
             self._memory.append(self.conversation_id, turn, self._owner, self.history[1],
-                                spent)
+                                spent, self._claim)
         except StoreUnavailable:
             logger.error("the answer of conversation %s was not remembered",
                          self.conversation_id)
@@ -390,6 +400,8 @@ class Turn:
         except StoreUnavailable:
             logger.error("the tokens of a turn of key %s were not written", self._owner)
         finally:
+            if self._claim and self._memory is not None:
+                self._memory.let_go(self.conversation_id, self._claim)
             self.abort.set_handler(None)  # the connection may go back to the pool
             self._turns.admission.leave(self.ticket)
             self._turns.running.remove(self.conversation_id, self._cancel)

@@ -14,7 +14,10 @@ Keys, each under the prefix (``PI_AGENT_REDIS_PREFIX``):
 - ``by_use`` and ``by_idle``: sorted sets of the conversation ids by their last use (a
   counter, for least recently used) and by its time (for the TTL);
 - ``owner_count``, ``owner_bytes`` and ``bytes``: what each key keeps, and all of it;
-- ``tokens:<key id>:<day>``: a key's completion tokens of a UTC day (kept 32 days).
+- ``tokens:<key id>:<day>``: a key's completion tokens of a UTC day (kept 32 days);
+- ``busy:<id>``: the claim of the turn that holds the conversation, in whichever gateway:
+  a lease of ``claim_seconds``, renewed while the turn runs, so that the conversation of a
+  gateway that died is free again within it.
 
 The client library is imported when this store is used only (it costs a few MiB). Every
 command has a short timeout and one retry: when Redis is down or frozen, what needs the
@@ -26,6 +29,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,14 +39,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..config import LOCAL_ID
-from ..errors import StoreUnavailable
+from ..errors import ConversationBusy, StoreUnavailable
 from ..memory import Spent, Turn, turn_size
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 0.25
 SOCKET_TIMEOUT = 0.5
-TOKEN_DAYS_SECONDS = 32 * 86_400
+# A turn's hold on its conversation, renewed every third of it while the turn runs.
+CLAIM_SECONDS = 30.0
 
 # The rules of MemoryStore, in Lua. ARGV[1] is the prefix; every mode reads its own
 # arguments after the bounds (ARGV[2..9]).
@@ -148,6 +153,11 @@ end
 if mode == 'append' then
   local cid, owner, drop = ARGV[11], ARGV[12], tonumber(ARGV[13])
   local item, size, id_bytes = ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16])
+  local claim = ARGV[17]
+  if claim ~= '' and redis.call('GET', P .. 'busy:' .. cid) ~= claim then
+    spend(18)  -- the claim was lost: the tokens count, the turn is not remembered
+    return 0
+  end
   expire()
   local conv = P .. 'conv:' .. cid
   local use = redis.call('INCR', P .. 'use')
@@ -172,10 +182,22 @@ if mode == 'append' then
   local turns = redis.call('LLEN', P .. 'turns:' .. cid)
   if turns > max_turns then drop_oldest(cid, kept_by, turns - keep_on_drop) end
   fit_budget(cid, kept_by)
-  spend(17)
+  spend(18)
   return 1
 elseif mode == 'forget' then
   return remove(ARGV[11])
+elseif mode == 'let_go' then
+  if redis.call('GET', P .. 'busy:' .. ARGV[11]) == ARGV[12] then
+    redis.call('DEL', P .. 'busy:' .. ARGV[11])
+  end
+  return 1
+elseif mode == 'renew' then
+  for i = 12, #ARGV, 2 do
+    if redis.call('GET', P .. 'busy:' .. ARGV[i]) == ARGV[i + 1] then
+      redis.call('PEXPIRE', P .. 'busy:' .. ARGV[i], ARGV[11])
+    end
+  end
+  return 1
 elseif mode == 'spend' then
   spend(11)
   return 1
@@ -219,6 +241,7 @@ class RedisStore:
         prefix: str = "pi-agent:",
         clock: Callable[[], float] = time.time,
         sweep_seconds: float = 60.0,
+        claim_seconds: float = CLAIM_SECONDS,
     ) -> None:
         self.url = url
         self.max_turns = max_turns
@@ -228,6 +251,8 @@ class RedisStore:
         self.max_bytes = max_bytes
         self.max_per_key = max_per_key
         self.sweep_seconds = sweep_seconds
+        self.claim_seconds = claim_seconds
+        self._claims: dict[str, str] = {}  # the conversations this process's turns hold
         self._prefix = prefix
         self._clock = clock
         # redis-py's pool opens connections on use, and again in a process after a fork.
@@ -237,7 +262,7 @@ class RedisStore:
             retry=Retry(NoBackoff(), 1), decode_responses=True)
         self._script = self._redis.register_script(SCRIPT)
         self._closed = threading.Event()
-        self._sweeping = False
+        self._tending = False
         self._start_lock = threading.Lock()
 
     # -- reads
@@ -300,13 +325,37 @@ class RedisStore:
     # -- writes: one script each
 
     def append(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID,
-               drop: int = 0, spent: Spent | None = None) -> None:
-        """One atomic step: see ``MemoryStore.append`` for what it does."""
+               drop: int = 0, spent: Spent | None = None, claim: str = "") -> None:
+        """One atomic step: see ``MemoryStore.append`` for what it does; with a ``claim``,
+        only while the turn still holds the conversation."""
         item = json.dumps([turn.user, turn.assistant, turn.partial, turn.done_reason,
                            turn.tokens])
         size = turn_size(turn)
-        self._run("append", conversation_id, owner, drop, f"{size}|{item}", size,
-                  len(conversation_id.encode()), *_flat(spent or {}))
+        if not self._run("append", conversation_id, owner, drop, f"{size}|{item}", size,
+                         len(conversation_id.encode()), claim, *_flat(spent or {})):
+            logger.error("conversation %s was taken by another turn while this one ran "
+                         "(its claim ran out): its answer is not remembered", conversation_id)
+
+    def claim(self, conversation_id: str) -> str:
+        """:raise ConversationBusy: a turn in this or another gateway holds it."""
+        token = uuid.uuid4().hex
+        self._start_tending()
+        with self._talking():
+            taken = self._redis.set(self._key("busy:", conversation_id), token, nx=True,
+                                    px=round(self.claim_seconds * 1000))
+        if not taken:
+            raise ConversationBusy()
+        self._claims[conversation_id] = token
+        return token
+
+    def let_go(self, conversation_id: str, claim: str) -> None:
+        """A claim that cannot be ended now (Redis down) runs out by itself."""
+        if self._claims.get(conversation_id) == claim:
+            del self._claims[conversation_id]
+        try:
+            self._run("let_go", conversation_id, claim)
+        except StoreUnavailable:
+            pass
 
     def spend(self, spent: Spent) -> None:
         if spent:
@@ -326,7 +375,7 @@ class RedisStore:
     # -- the rest
 
     def _run(self, mode: str, *args: Any) -> Any:
-        self._start_sweeping()
+        self._start_tending()
         bounds = (self._prefix, repr(self._clock()), self.ttl_seconds, self.max_turns,
                   self.keep_on_drop, self.max_conversations, self.max_bytes, self.max_per_key,
                   LOCAL_ID, mode)
@@ -347,21 +396,29 @@ class RedisStore:
     def _alive(self, last_used: str) -> bool:
         return float(last_used) > self._clock() - self.ttl_seconds
 
-    def _start_sweeping(self) -> None:
-        if self._sweeping or self.sweep_seconds <= 0:
+    def _start_tending(self) -> None:
+        if self._tending:
             return
         with self._start_lock:
-            if not self._sweeping:
-                self._sweeping = True
-                threading.Thread(target=self._sweep_every, name="pi-agent-store-sweep",
+            if not self._tending:
+                self._tending = True
+                threading.Thread(target=self._tend, name="pi-agent-store-tend",
                                  daemon=True).start()
 
-    def _sweep_every(self) -> None:
-        while not self._closed.wait(self.sweep_seconds):
+    def _tend(self) -> None:
+        """Renew the claims of the turns under way, and sweep now and then. A greenlet under
+        gevent (threading is patched), else a thread."""
+        swept = time.monotonic()
+        while not self._closed.wait(self.claim_seconds / 3):
             try:
-                self.sweep()
+                held = [part for pair in list(self._claims.items()) for part in pair]
+                if held:
+                    self._run("renew", round(self.claim_seconds * 1000), *held)
+                if self.sweep_seconds > 0 and time.monotonic() - swept >= self.sweep_seconds:
+                    swept = time.monotonic()
+                    self.sweep()
             except StoreUnavailable:
-                pass  # logged; the next sweep tries again
+                pass  # logged; the next round tries again
 
 
 def _turn(item: str) -> Turn:

@@ -164,7 +164,7 @@ class SqliteStore:
     # -- writes
 
     def append(self, conversation_id: str, turn: Turn, owner: str = LOCAL_ID,
-               drop: int = 0, spent: Spent | None = None) -> None:
+               drop: int = 0, spent: Spent | None = None, claim: str = "") -> None:
         """One transaction: see ``MemoryStore.append`` for what it does."""
         def change(db: Db) -> None:
             now = self._clock()
@@ -197,6 +197,13 @@ class SqliteStore:
     def spend(self, spent: Spent) -> None:
         if spent:
             self._write(lambda db: _spend(db, spent))
+
+    def claim(self, conversation_id: str) -> str:
+        """The file serves one process: admission control holds the conversation."""
+        return ""
+
+    def let_go(self, conversation_id: str, claim: str) -> None:
+        pass
 
     def forget(self, conversation_id: str) -> bool:
         def change(db: Db) -> bool:
