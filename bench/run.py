@@ -39,6 +39,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tests.redis_server import RedisServer
+
 from . import knowledge_search, memory_fill, pi_prefill, procstat
 from .loadgen import Load, Result, Target, run_load
 
@@ -211,6 +213,14 @@ def start_with_sqlite(state: Path, fake_port: int, out: Path) -> Process:
     shutil.rmtree(state, ignore_errors=True)
     return start_gateway("pi-agent sqlite", ROOT, fake_port, out, PI_AGENT_STORE="sqlite",
                          PI_AGENT_STATE_DIR=str(state))
+
+
+def start_with_redis(redis_url: str, fake_port: int, out: Path) -> Process:
+    """Pi Agent Server from this checkout with the Redis store, under a new prefix each
+    start (the redis-server of the run, on a Unix socket)."""
+    return start_gateway("pi-agent redis", ROOT, fake_port, out, PI_AGENT_STORE="redis",
+                         PI_AGENT_REDIS_URL=redis_url,
+                         PI_AGENT_REDIS_PREFIX=f"bench-{time.monotonic_ns()}:")
 
 
 def start_floor(fake_port: int, out: Path) -> Process:
@@ -685,6 +695,9 @@ def main() -> None:
                              "older commit), in the same run")
     parser.add_argument("--sqlite", action="store_true",
                         help="also measure this checkout with PI_AGENT_STORE=sqlite")
+    parser.add_argument("--redis", action="store_true",
+                        help="also measure this checkout with PI_AGENT_STORE=redis "
+                             "(a redis-server of its own for the run)")
     args = parser.parse_args()
     scenarios = [s for s in SCENARIOS if args.only in s.name]
     extra_names = ("memory", "knowledge", "prefill")
@@ -697,6 +710,7 @@ def main() -> None:
 
     started = time.perf_counter()
     fake = start_fake(args.out)
+    redis_server = RedisServer() if args.redis else None
     try:
         starters: dict[str, Starter] = {}
         for name, root in [("pi-agent", ROOT)] + [(f"pi-agent@{d.name}", d) for d in args.compare]:
@@ -705,6 +719,9 @@ def main() -> None:
         if args.sqlite:
             starters["pi-agent sqlite"] = functools.partial(
                 start_with_sqlite, args.out / "sqlite-state", fake.port, args.out)
+        if redis_server is not None:
+            starters["pi-agent redis"] = functools.partial(
+                start_with_redis, redis_server.url, fake.port, args.out)
         if not args.no_naive and (NAIVE_DIR / "naive_proxy.py").exists():
             starters["naive proxy"] = functools.partial(start_naive, fake.port, args.out)
         if not args.no_floor:
@@ -729,6 +746,8 @@ def main() -> None:
                                          memory_fill.QUICK_BUDGET if args.quick else 0)
     finally:
         fake.stop()
+        if redis_server is not None:
+            redis_server.stop()
     searched = knowledge_search.measure(args.quick) if args.only in "knowledge" else {}
 
     report = {

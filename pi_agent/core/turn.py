@@ -400,8 +400,10 @@ class Turn:
         except StoreUnavailable:
             logger.error("the tokens of a turn of key %s were not written", self._owner)
         finally:
-            if self._claim and self._memory is not None:
-                self._memory.let_go(self.conversation_id, self._claim)
-            self.abort.set_handler(None)  # the connection may go back to the pool
-            self._turns.admission.leave(self.ticket)
-            self._turns.running.remove(self.conversation_id, self._cancel)
+            try:
+                if self._claim and self._memory is not None:
+                    self._memory.let_go(self.conversation_id, self._claim)
+            finally:
+                self.abort.set_handler(None)  # the connection may go back to the pool
+                self._turns.admission.leave(self.ticket)
+                self._turns.running.remove(self.conversation_id, self._cancel)

@@ -12,7 +12,8 @@ Keys, each under the prefix (``PI_AGENT_REDIS_PREFIX``):
 - ``turns:<id>``: a list of its turns, oldest first, each ``<bytes>|<JSON>`` (the JSON
   escapes lone surrogates, so any message round-trips);
 - ``by_use`` and ``by_idle``: sorted sets of the conversation ids by their last use (a
-  counter, for least recently used) and by its time (for the TTL);
+  counter, for least recently used) and by its time (for the TTL); ``owned:<key id>``,
+  each key's by their last use;
 - ``owner_count``, ``owner_bytes`` and ``bytes``: what each key keeps, and all of it;
 - ``tokens:<key id>:<day>``: a key's completion tokens of a UTC day (kept 32 days);
 - ``busy:<id>``: the claim of the turn that holds the conversation, in whichever gateway:
@@ -20,13 +21,16 @@ Keys, each under the prefix (``PI_AGENT_REDIS_PREFIX``):
   gateway that died is free again within it.
 
 The client library is imported when this store is used only (it costs a few MiB). Every
-command has a short timeout and one retry: when Redis is down or frozen, what needs the
-store answers 503 within a second instead of waiting.
+command has a short timeout: when Redis is down or frozen, what needs the store answers 503
+within a second instead of waiting. A standalone Redis or Valkey (or one behind Sentinel):
+the scripts name their keys themselves, which Redis Cluster does not allow; and with
+``maxmemory-policy noeviction``, so that Redis never drops one key of a conversation.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -72,11 +76,15 @@ end
 local function remove(cid)
   local conv = P .. 'conv:' .. cid
   local owner = redis.call('HGET', conv, 'owner')
-  if not owner then return 0 end
-  local size = tonumber(redis.call('HGET', conv, 'bytes'))
-  redis.call('DEL', conv, P .. 'turns:' .. cid)
   redis.call('ZREM', P .. 'by_use', cid)
   redis.call('ZREM', P .. 'by_idle', cid)
+  if not owner then
+    redis.call('DEL', conv, P .. 'turns:' .. cid)
+    return 0
+  end
+  local size = tonumber(redis.call('HGET', conv, 'bytes'))
+  redis.call('DEL', conv, P .. 'turns:' .. cid)
+  redis.call('ZREM', P .. 'owned:' .. owner, cid)
   redis.call('DECRBY', P .. 'bytes', size)
   if redis.call('HINCRBY', P .. 'owner_count', owner, -1) <= 0 then
     redis.call('HDEL', P .. 'owner_count', owner)
@@ -102,10 +110,8 @@ local function expire()
 end
 
 local function oldest_of(owner, but)
-  for _, cid in ipairs(redis.call('ZRANGE', P .. 'by_use', 0, -1)) do
-    if cid ~= but and redis.call('HGET', P .. 'conv:' .. cid, 'owner') == owner then
-      return cid
-    end
+  for _, cid in ipairs(redis.call('ZRANGE', P .. 'owned:' .. owner, 0, 1)) do
+    if cid ~= but then return cid end
   end
   return nil
 end
@@ -165,7 +171,8 @@ if mode == 'append' then
   if not kept_by then
     if owner ~= local_id and
         tonumber(redis.call('HGET', P .. 'owner_count', owner) or '0') >= max_per_key then
-      remove(oldest_of(owner, cid))
+      local oldest = oldest_of(owner, cid)
+      if oldest then remove(oldest) end
     end
     kept_by = owner
     redis.call('HSET', conv, 'owner', owner, 'bytes', 0)
@@ -175,6 +182,7 @@ if mode == 'append' then
   redis.call('HSET', conv, 'last_used', ARGV[2])
   redis.call('ZADD', P .. 'by_use', use, cid)
   redis.call('ZADD', P .. 'by_idle', now, cid)
+  redis.call('ZADD', P .. 'owned:' .. kept_by, use, cid)
   cap()
   drop_oldest(cid, kept_by, drop)
   redis.call('RPUSH', P .. 'turns:' .. cid, item)
@@ -207,16 +215,15 @@ elseif mode == 'sweep' then
   local owners = redis.call('HGETALL', P .. 'owner_count')
   for i = 1, #owners, 2 do
     local owner, mine = owners[i], tonumber(owners[i + 1])
-    if owner ~= local_id then
-      for _ = 1, mine - max_per_key do remove(oldest_of(owner, '')) end
+    if owner ~= local_id and mine > max_per_key then
+      for _, cid in ipairs(redis.call('ZRANGE', P .. 'owned:' .. owner, 0,
+                                      mine - max_per_key - 1)) do
+        remove(cid)
+      end
     end
   end
-  for _, cid in ipairs(redis.call('ZRANGE', P .. 'by_use', 0, -1)) do
-    local turns = redis.call('LLEN', P .. 'turns:' .. cid)
-    if turns > max_turns then
-      drop_oldest(cid, redis.call('HGET', P .. 'conv:' .. cid, 'owner'), turns - keep_on_drop)
-    end
-  end
+  -- A lowered turn bound applies at each conversation's next turn: a pass over every
+  -- conversation would hold Redis up for every gateway.
   local newest = redis.call('ZRANGE', P .. 'by_use', -1, -1)[1]
   if newest then fit_budget(newest, redis.call('HGET', P .. 'conv:' .. newest, 'owner')) end
   return 1
@@ -256,13 +263,17 @@ class RedisStore:
         self._prefix = prefix
         self._clock = clock
         # redis-py's pool opens connections on use, and again in a process after a fork.
-        # Its replies are typed as a union of every reply: Any, checked by the tests.
+        # Its replies are typed as a union of every reply: Any, checked by the tests. One
+        # retry, after a connection that failed (a pooled one Redis closed on a restart),
+        # not after a timeout: Redis may have run that command, and a write must not run
+        # twice.
         self._redis: Any = redis.Redis.from_url(
             url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
-            retry=Retry(NoBackoff(), 1), decode_responses=True)
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            decode_responses=True)
         self._script = self._redis.register_script(SCRIPT)
         self._closed = threading.Event()
-        self._tending = False
+        self._tending = 0  # the process whose loop renews the claims
         self._start_lock = threading.Lock()
 
     # -- reads
@@ -340,11 +351,12 @@ class RedisStore:
         """:raise ConversationBusy: a turn in this or another gateway holds it."""
         token = uuid.uuid4().hex
         self._start_tending()
+        busy = self._key("busy:", conversation_id)
         with self._talking():
-            taken = self._redis.set(self._key("busy:", conversation_id), token, nx=True,
-                                    px=round(self.claim_seconds * 1000))
-        if not taken:
-            raise ConversationBusy()
+            taken = self._redis.set(busy, token, nx=True, px=round(self.claim_seconds * 1000))
+            # A retry of a SET that ran already finds the key taken, by this claim.
+            if not taken and self._redis.get(busy) != token:
+                raise ConversationBusy()
         self._claims[conversation_id] = token
         return token
 
@@ -397,11 +409,12 @@ class RedisStore:
         return float(last_used) > self._clock() - self.ttl_seconds
 
     def _start_tending(self) -> None:
-        if self._tending:
+        """Start the loop once per process (a thread does not survive a fork)."""
+        if self._tending == os.getpid():
             return
         with self._start_lock:
-            if not self._tending:
-                self._tending = True
+            if self._tending != os.getpid():
+                self._tending = os.getpid()
                 threading.Thread(target=self._tend, name="pi-agent-store-tend",
                                  daemon=True).start()
 
@@ -419,6 +432,8 @@ class RedisStore:
                     self.sweep()
             except StoreUnavailable:
                 pass  # logged; the next round tries again
+            except Exception:  # the loop must outlive a bug: claims would run out
+                logger.exception("renewing the claims failed")
 
 
 def _turn(item: str) -> Turn:
