@@ -29,7 +29,7 @@ from .hosts import watch_host
 from .memory import MemoryStore, Store
 from .providers import PROVIDERS
 from .security.keys import KeyFileError, KeyRing, Offload
-from .security.limits import Limits
+from .security.limits import Limits, SharedCounts
 from .state import EXTENSION_KEY, AppState
 from .stores.sqlite import OneThread, PlainThread, SqliteStore
 from .stores.sqlite_file import StoreFileError, state_file
@@ -92,7 +92,8 @@ def build_state(settings: Settings) -> AppState:
     provider = PROVIDERS[settings.provider](settings)
     admission = Admission(settings.max_concurrent, settings.max_queue)
     running, watchdog, shutdown = RunningTurns(), Watchdog(), Shutdown()
-    limits = Limits(ledger=store)
+    # A store that several gateways share (Redis) counts the requests and tokens too.
+    limits = Limits(ledger=store, shared=store if isinstance(store, SharedCounts) else None)
     agents, library = _agents(settings.agents_file), Library(settings.state_dir)
     return AppState(
         settings=settings,

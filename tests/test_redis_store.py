@@ -1,13 +1,15 @@
-"""The Redis store (PI_AGENT_STORE=redis) in running servers: two gateways on one Redis share
-conversations, their owners and the daily token counts; Redis frozen or stopped answers 503
-store_unavailable where a conversation is needed, the rest keeps working, and all of it
-comes back with Redis."""
+"""The Redis store (PI_AGENT_STORE=redis): two gateways on one Redis share conversations,
+their owners, one turn at a time per conversation, each key's bucket of requests and its
+tokens of the day; Redis frozen or stopped answers 503 store_unavailable where a
+conversation is needed, the limits count per gateway meanwhile, the rest keeps working, and
+all of it comes back with Redis."""
 from __future__ import annotations
 
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ import pytest
 import redis
 import requests
 
-from pi_agent.errors import ConversationBusy, StoreUnavailable
+from pi_agent.errors import ConversationBusy, RateLimited, StoreUnavailable
 from pi_agent.memory import Turn
+from pi_agent.security.keys import ApiKey
+from pi_agent.security.limits import Limits
 from pi_agent.stores.redis import RedisStore
 
 from .fake_ollama import FakeOllama, Script
@@ -42,6 +46,7 @@ def test_two_gateways_share_conversations_owners_and_tokens(
     keys = tmp_path / "keys.json"
     ada = create_key(keys, capsys, "--name", "ada", "--tokens-per-day", "100")
     bob = create_key(keys, capsys, "--name", "bob")
+    limited = create_key(keys, capsys, "--name", "limited", "--rpm", "2")
     settings = {"STORE": "redis", "REDIS_URL": redis_server.url, "KEYS_FILE": str(keys),
                 "REDIS_PREFIX": f"{uuid.uuid4().hex}:", "OLLAMA_URL": fake.url}
     with serving(tmp_path / "a.log", **settings) as one, \
@@ -66,6 +71,10 @@ def test_two_gateways_share_conversations_owners_and_tokens(
         assert requests.delete(other.url + "/conversations/shared", timeout=10,
                                headers={"X-API-Key": ada}).status_code == 200
         assert get(one.url, "/conversations/shared", ada).status_code == 404
+        # One bucket of requests for a key, whichever gateway they reach.
+        statuses = [get(url, "/conversations", limited).status_code
+                    for url in (one.url, other.url, one.url)]
+        assert statuses == [200, 200, 429]
 
 
 @pytest.fixture
@@ -217,4 +226,48 @@ def test_a_write_that_timed_out_is_not_run_twice(redis_server: RedisServer) -> N
     finally:
         stall.join()
         staller.close()
+        store.close()
+
+
+def test_two_gateways_fill_one_bucket_and_one_day(redis_server: RedisServer) -> None:
+    prefix = f"{uuid.uuid4().hex}:"
+    one_store, other_store = _store(redis_server, prefix), _store(redis_server, prefix)
+    one = Limits(ledger=one_store, shared=one_store)
+    other = Limits(ledger=other_store, shared=other_store)
+    key = ApiKey(id="key_a", name="a", hash="0" * 64, rpm=3, tokens_per_day=10)
+    try:
+        requests_left = [gateway.admit(key)[0] for gateway in (one, other, one)]
+        assert [s.remaining for s in requests_left if s is not None] == [2, 1, 0]
+        with pytest.raises(RateLimited) as refused:
+            other.admit(key)
+        assert refused.value.retry_after >= 1
+        # The tokens a turn on one gateway spent, seen by the other at its next request.
+        day = datetime.now(timezone.utc).date().isoformat()
+        assert one.add_tokens(key, 10) == day
+        one_store.spend({(key.id, day): 10})
+        no_rpm = ApiKey(id="key_a", name="a", hash="0" * 64, tokens_per_day=10)
+        with pytest.raises(RateLimited, match="tokens"):
+            other.admit(no_rpm)
+        _, tokens = other.admit(no_rpm, spends_tokens=False)
+        assert tokens is not None and tokens.remaining == 0
+    finally:
+        one_store.close()
+        other_store.close()
+
+
+def test_limits_count_on_their_own_while_redis_is_down(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store(own_redis, "down:")
+    limits = Limits(ledger=store, shared=store)
+    key = ApiKey(id="key_a", name="a", hash="0" * 64, rpm=2)
+    try:
+        own_redis.stop()
+        assert limits.admit(key)[0] is not None  # counted here
+        assert limits.admit(key)[0] is not None
+        with pytest.raises(RateLimited):
+            limits.admit(key)
+        said = [r for r in caplog.records if "shared limits cannot be read" in r.getMessage()]
+        assert len(said) == 1
+    finally:
         store.close()

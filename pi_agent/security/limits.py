@@ -1,17 +1,24 @@
-"""Per-key limits: requests per minute (a token bucket) and completion tokens per UTC day."""
+"""Per-key limits: requests per minute (a token bucket) and completion tokens per UTC day.
+
+Counted in this process, or, with a store that several gateways share (Redis), in that
+store: one atomic step per request there, and this process's own counts while it is down.
+"""
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from ..errors import RateLimited
+from ..errors import RateLimited, StoreUnavailable
 from .keys import ApiKey
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,24 @@ class TokenLedger(Protocol):
     def tokens_used(self, key_id: str, day: str) -> int: ...
 
 
+@dataclass(frozen=True)
+class Counted:
+    """A request counted where several gateways see it (``SharedCounts.count_request``)."""
+
+    refused: str  # "": admitted; "requests" or "tokens": the limit that is used up
+    bucket: float | None  # the requests left in the key's bucket (None: no rpm limit)
+    used: int  # the key's completion tokens of the day
+
+
+@runtime_checkable
+class SharedCounts(Protocol):
+    """Request buckets and daily tokens kept for several gateways (a Redis store)."""
+
+    def count_request(self, key_id: str, rpm: int | None, tokens_per_day: int | None,
+                      day: str, spends_tokens: bool, peek: bool = False) -> Counted:
+        """Count one request (``peek``: look only), on the store's own clock."""
+
+
 class _Bucket:
     __slots__ = ("tokens", "stamp")
 
@@ -46,10 +71,13 @@ class Limits:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
                  today: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-                 ledger: TokenLedger | None = None) -> None:
+                 ledger: TokenLedger | None = None,
+                 shared: SharedCounts | None = None) -> None:
         self._clock = clock
         self._today = today
         self._ledger = ledger
+        self._shared = shared
+        self._on_my_own = False  # the shared counts failed: this process counts (logged once)
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
         self._tokens: dict[str, tuple[str, int]] = {}  # key id -> (UTC date, tokens used)
@@ -64,6 +92,10 @@ class Limits:
 
         :raise RateLimited: 429 with Retry-After when a limit is used up.
         """
+        if self._shared is not None and (key.rpm is not None or key.tokens_per_day is not None):
+            counted = self._count_shared(key, spends_tokens, peek=False)
+            if counted is not None:
+                return self._standings(key, counted)
         with self._lock:
             tokens = self._token_standing(key)
             if spends_tokens and tokens is not None and tokens.remaining <= 0:
@@ -82,11 +114,59 @@ class Limits:
 
     def standing(self, key: ApiKey) -> tuple[Standing | None, Standing | None]:
         """The standings without counting a request (for a response refused with 429)."""
+        if self._shared is not None:
+            counted = self._count_shared(key, False, peek=True)
+            if counted is not None:
+                return self._standings(key, counted, refuse=False)
         with self._lock:
             requests = None
             if key.rpm is not None:
                 requests = self._request_standing(key, self._refill(key))
             return requests, self._token_standing(key)
+
+    def _count_shared(self, key: ApiKey, spends_tokens: bool, peek: bool) -> Counted | None:
+        """The request counted in the shared store; None when it is down (then, and until
+        it answers again, this process counts on its own: said once)."""
+        assert self._shared is not None
+        try:
+            counted = self._shared.count_request(key.id, key.rpm, key.tokens_per_day,
+                                                 self._today().date().isoformat(),
+                                                 spends_tokens, peek)
+        except StoreUnavailable:
+            if not self._on_my_own:
+                self._on_my_own = True
+                logger.warning("the shared limits cannot be read: each gateway counts its "
+                               "own requests and tokens until they can")
+            return None
+        if self._on_my_own:
+            self._on_my_own = False
+            logger.warning("the shared limits are back")
+        return counted
+
+    def _standings(self, key: ApiKey, counted: Counted,
+                   refuse: bool = True) -> tuple[Standing | None, Standing | None]:
+        tokens = None
+        if key.tokens_per_day is not None:
+            tokens = Standing(key.tokens_per_day, max(0, key.tokens_per_day - counted.used),
+                              self._to_midnight())
+        if refuse and counted.refused == "tokens":
+            raise RateLimited(max(1, tokens.reset_seconds if tokens else 1),
+                              "this API key used its completion tokens for today")
+        requests = None
+        if key.rpm is not None and counted.bucket is not None:
+            if refuse and counted.refused == "requests":
+                wait = math.ceil((1 - counted.bucket) * 60 / key.rpm)
+                raise RateLimited(max(1, wait),
+                                  f"this API key may send {key.rpm} requests a minute")
+            requests = Standing(key.rpm, math.floor(counted.bucket),
+                                math.ceil((key.rpm - counted.bucket) * 60 / key.rpm))
+        return requests, tokens
+
+    def _to_midnight(self) -> int:
+        now = self._today()
+        midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(),
+                                    tzinfo=timezone.utc)
+        return math.ceil((midnight - now).total_seconds())
 
     def meter(self, key: ApiKey) -> Callable[[int], str | None]:
         """What a turn calls with its completion tokens once it knows them."""
@@ -100,6 +180,8 @@ class Limits:
             return None
         with self._lock:
             day = self._today().date().isoformat()
+            if self._shared is not None and not self._on_my_own:
+                return day  # the turn writes them to the shared store, which counts them
             self._tokens[key.id] = (day, self._used(key, day) + count)
             return day
 
@@ -107,7 +189,12 @@ class Limits:
         used_day, used = self._tokens.get(key.id, ("", 0))
         if used_day == day:
             return used
-        used = self._ledger.tokens_used(key.id, day) if self._ledger is not None else 0
+        try:
+            used = self._ledger.tokens_used(key.id, day) if self._ledger is not None else 0
+        except StoreUnavailable:
+            if self._shared is None:
+                raise
+            used = 0  # counting on its own, with the shared store down
         self._tokens[key.id] = (day, used)
         return used
 

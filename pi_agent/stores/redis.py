@@ -16,6 +16,7 @@ Keys, each under the prefix (``PI_AGENT_REDIS_PREFIX``):
   each key's by their last use;
 - ``owner_count``, ``owner_bytes`` and ``bytes``: what each key keeps, and all of it;
 - ``tokens:<key id>:<day>``: a key's completion tokens of a UTC day (kept 32 days);
+- ``bucket:<key id>``: a key's bucket of requests per minute, refilled on Redis's clock;
 - ``busy:<id>``: the claim of the turn that holds the conversation, in whichever gateway:
   a lease of ``claim_seconds``, renewed while the turn runs, so that the conversation of a
   gateway that died is free again within it.
@@ -45,6 +46,7 @@ from redis.retry import Retry
 from ..config import LOCAL_ID
 from ..errors import ConversationBusy, StoreUnavailable
 from ..memory import Spent, Turn, turn_size
+from ..security.limits import Counted
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +211,33 @@ elseif mode == 'renew' then
 elseif mode == 'spend' then
   spend(11)
   return 1
+elseif mode == 'admit' then
+  -- A request of a key: its tokens of the day, then its bucket of requests, refilled on
+  -- Redis's own clock, so that every gateway's requests fill one bucket.
+  local key_id, rpm, per_day, day = ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13]), ARGV[14]
+  local spends, peek = ARGV[15] == '1', ARGV[16] == '1'
+  local used = tonumber(redis.call('GET', P .. 'tokens:' .. key_id .. ':' .. day) or '0')
+  if not peek and spends and per_day and used >= per_day then
+    return {'tokens', '', tostring(used)}
+  end
+  local left = ''
+  if rpm then
+    local t = redis.call('TIME')
+    local clock = tonumber(t[1]) + tonumber(t[2]) / 1e6
+    local bucket = P .. 'bucket:' .. key_id
+    local kept = redis.call('HMGET', bucket, 'tokens', 'stamp')
+    local tokens = tonumber(kept[1]) or rpm
+    local stamp = tonumber(kept[2]) or clock
+    tokens = math.min(rpm, tokens + math.max(0, clock - stamp) * rpm / 60)
+    if not peek then
+      if tokens < 1 then return {'requests', tostring(tokens), tostring(used)} end
+      tokens = tokens - 1
+      redis.call('HSET', bucket, 'tokens', tostring(tokens), 'stamp', tostring(clock))
+      redis.call('EXPIRE', bucket, 120)  -- full again after 60 s anyway
+    end
+    left = tostring(tokens)
+  end
+  return {'ok', left, tostring(used)}
 elseif mode == 'sweep' then
   expire()
   cap()
@@ -372,6 +401,17 @@ class RedisStore:
     def spend(self, spent: Spent) -> None:
         if spent:
             self._run("spend", *_flat(spent))
+
+    def count_request(self, key_id: str, rpm: int | None, tokens_per_day: int | None,
+                      day: str, spends_tokens: bool, peek: bool = False) -> Counted:
+        """One request of a key against the limits every gateway shares (``peek``: look
+        only), one script: see ``security.limits.Limits``."""
+        refused, left, used = self._run(
+            "admit", key_id, "" if rpm is None else rpm,
+            "" if tokens_per_day is None else tokens_per_day, day, int(spends_tokens),
+            int(peek))
+        return Counted("" if refused == "ok" else str(refused),
+                       float(left) if left else None, int(used))
 
     def forget(self, conversation_id: str) -> bool:
         return bool(self._run("forget", conversation_id))
