@@ -80,7 +80,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 def build_state(settings: Settings) -> AppState:
     """What every request uses, built once: the provider, the memory, the keys, ..."""
-    store = _store(settings)
+    running = RunningTurns()
+    store = _store(settings, running)
     keys = None
     if settings.keys_file and settings.auth == "on":
         try:
@@ -91,7 +92,7 @@ def build_state(settings: Settings) -> AppState:
         logger.warning("PI_AGENT_AUTH=off: every request is served without an API key")
     provider = PROVIDERS[settings.provider](settings)
     admission = Admission(settings.max_concurrent, settings.max_queue)
-    running, watchdog, shutdown = RunningTurns(), Watchdog(), Shutdown()
+    watchdog, shutdown = Watchdog(), Shutdown()
     # A store that several gateways share (Redis) counts the requests and tokens too.
     limits = Limits(ledger=store, shared=store if isinstance(store, SharedCounts) else None)
     agents, library = _agents(settings.agents_file), Library(settings.state_dir)
@@ -116,8 +117,9 @@ def build_state(settings: Settings) -> AppState:
     )
 
 
-def _store(settings: Settings) -> Store:
-    """The store that PI_AGENT_STORE names, with the memory's bounds.
+def _store(settings: Settings, running: RunningTurns) -> Store:
+    """The store that PI_AGENT_STORE names, with the memory's bounds; a shared one stops
+    ``running`` turns that another gateway cancels.
 
     :raise ConfigError: the SQLite file or its folder cannot be used; one line says why.
     """
@@ -135,7 +137,8 @@ def _store(settings: Settings) -> Store:
         # Imported here: the client library costs a few MiB, for those who use it only.
         from .stores.redis import RedisStore
 
-        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, **bounds)
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix,
+                          on_cancel=running.cancel, **bounds)
     try:
         return SqliteStore(state_file(settings.state_dir), synchronous=settings.sqlite_sync,
                            busy_seconds=settings.sqlite_busy_seconds,

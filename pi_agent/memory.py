@@ -66,8 +66,9 @@ class Store(Protocol):
         the ``claim`` its turn holds, only while it still holds it (the tokens count
         anyway)."""
 
-    def claim(self, conversation_id: str) -> str:
-        """Hold a conversation for one turn in every process that shares the store; return
+    def claim(self, conversation_id: str, owner: str = LOCAL_ID) -> str:
+        """Hold a conversation for one turn of ``owner`` (a key id) in every process that
+        shares the store; return
         what ``let_go`` and ``append`` need ("" for a store of one process, where
         admission control holds it).
 
@@ -76,6 +77,10 @@ class Store(Protocol):
 
     def let_go(self, conversation_id: str, claim: str) -> None:
         """End a ``claim``; one that is lost or ended already is left alone."""
+
+    def cancel_elsewhere(self, conversation_id: str, key_id: str, admin: bool) -> bool:
+        """Ask the process whose turn holds the conversation to stop it, for the key that
+        owns the turn (or an admin key); False when no turn holds it for this key."""
 
     def spend(self, spent: Spent) -> None:
         """Count the completion tokens of a turn that remembers nothing."""
@@ -209,12 +214,16 @@ class MemoryStore:
         with self._lock:
             self._spend(spent)
 
-    def claim(self, conversation_id: str) -> str:
+    def claim(self, conversation_id: str, owner: str = LOCAL_ID) -> str:
         """One process: admission control holds the conversation."""
         return ""
 
     def let_go(self, conversation_id: str, claim: str) -> None:
         pass
+
+    def cancel_elsewhere(self, conversation_id: str, key_id: str, admin: bool) -> bool:
+        """One process: its turns are all in ``RunningTurns``."""
+        return False
 
     def tokens_used(self, key_id: str, day: str) -> int:
         with self._lock:

@@ -271,3 +271,49 @@ def test_limits_count_on_their_own_while_redis_is_down(
         assert len(said) == 1
     finally:
         store.close()
+
+
+def test_a_cancel_reaches_the_gateway_whose_turn_holds_the_conversation(
+    redis_server: RedisServer
+) -> None:
+    prefix = f"{uuid.uuid4().hex}:"
+    heard: list[str] = []
+    one = _store(redis_server, prefix, on_cancel=heard.append)
+    other = _store(redis_server, prefix)
+    try:
+        held = one.claim("c", "key_a")
+        assert not other.cancel_elsewhere("c", "key_b", admin=False)  # not bob's turn
+        assert not other.cancel_elsewhere("d", "key_a", admin=False)  # no turn at all
+        assert other.cancel_elsewhere("c", "key_a", admin=False)
+        deadline = time.monotonic() + 10
+        while heard != ["c"]:
+            assert time.monotonic() < deadline, heard
+            time.sleep(0.02)
+        assert other.cancel_elsewhere("c", "key_admin", admin=True)
+        one.let_go("c", held)
+        assert not other.cancel_elsewhere("c", "key_a", admin=False)  # that turn has ended
+    finally:
+        one.close()
+        other.close()
+
+
+def test_a_stream_on_one_gateway_is_cancelled_from_the_other(
+    fake: FakeOllama, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = {"STORE": "redis", "REDIS_URL": redis_server.url,
+                "REDIS_PREFIX": f"{uuid.uuid4().hex}:", "OLLAMA_URL": fake.url}
+    fake.script = Script(tokens=[f"tok{i} " for i in range(30)], token_delay=0.5)
+    with serving(tmp_path / "a.log", **settings) as one, \
+            serving(tmp_path / "b.log", **settings) as other:
+        stream = RawStream(one, message="q0", conversation_id="c")
+        try:
+            stream.read_until(b"tok1")
+            cancelled = requests.post(other.url + "/chat/c/cancel", timeout=10)
+            assert cancelled.status_code == 200, cancelled.text
+            assert cancelled.json()["status"] == "cancelling"
+            stream.read_until(b"0\r\n\r\n")  # the stream ended, long before its 30 tokens
+        finally:
+            stream.close()
+        (turn,) = requests.get(other.url + "/conversations/c", timeout=10).json()["turns"]
+        assert turn["partial"] is True and "tok29" not in turn["assistant"]
+        assert requests.post(other.url + "/chat/c/cancel", timeout=10).status_code == 404

@@ -133,7 +133,7 @@ class Turn:
         self._claim = ""
         if self._memory is not None:
             try:
-                self._claim = self._memory.claim(conversation_id)
+                self._claim = self._memory.claim(conversation_id, key.id)
             except BaseException:
                 turns.admission.leave(self.ticket)
                 raise

@@ -202,11 +202,26 @@ elseif mode == 'let_go' then
   end
   return 1
 elseif mode == 'renew' then
+  -- The claims still held are renewed; those with a cancel waiting are named.
+  local cancelled = {}
   for i = 12, #ARGV, 2 do
     if redis.call('GET', P .. 'busy:' .. ARGV[i]) == ARGV[i + 1] then
       redis.call('PEXPIRE', P .. 'busy:' .. ARGV[i], ARGV[11])
+      if redis.call('GET', P .. 'cancel:' .. ARGV[i]) == ARGV[i + 1] then
+        table.insert(cancelled, ARGV[i])
+      end
     end
   end
+  return cancelled
+elseif mode == 'cancel' then
+  -- Leave a cancel for the turn that holds the conversation (seen at its next renewal)
+  -- and tell its gateway now; only for the key whose turn it is, or an admin key.
+  local cid, who, admin = ARGV[11], ARGV[12], ARGV[13] == '1'
+  local claim = redis.call('GET', P .. 'busy:' .. cid)
+  if not claim then return 0 end
+  if not admin and string.match(claim, ' (.*)$') ~= who then return 0 end
+  redis.call('SET', P .. 'cancel:' .. cid, claim, 'PX', ARGV[14])
+  redis.call('PUBLISH', P .. 'cancels', cid .. ' ' .. claim)
   return 1
 elseif mode == 'spend' then
   spend(11)
@@ -278,7 +293,10 @@ class RedisStore:
         clock: Callable[[], float] = time.time,
         sweep_seconds: float = 60.0,
         claim_seconds: float = CLAIM_SECONDS,
+        on_cancel: Callable[[str], object] = lambda conversation_id: None,
     ) -> None:
+        """``on_cancel`` stops this process's turn of a conversation (``RunningTurns``),
+        when another gateway cancels it."""
         self.url = url
         self.max_turns = max_turns
         self.keep_on_drop = max(1, min(keep_on_drop, max_turns - 1))
@@ -289,6 +307,7 @@ class RedisStore:
         self.sweep_seconds = sweep_seconds
         self.claim_seconds = claim_seconds
         self._claims: dict[str, str] = {}  # the conversations this process's turns hold
+        self._on_cancel = on_cancel
         self._prefix = prefix
         self._clock = clock
         # redis-py's pool opens connections on use, and again in a process after a fork.
@@ -376,9 +395,9 @@ class RedisStore:
             logger.error("conversation %s was taken by another turn while this one ran "
                          "(its claim ran out): its answer is not remembered", conversation_id)
 
-    def claim(self, conversation_id: str) -> str:
+    def claim(self, conversation_id: str, owner: str = LOCAL_ID) -> str:
         """:raise ConversationBusy: a turn in this or another gateway holds it."""
-        token = uuid.uuid4().hex
+        token = f"{uuid.uuid4().hex} {owner}"  # the owner: who may cancel it elsewhere
         self._start_tending()
         busy = self._key("busy:", conversation_id)
         with self._talking():
@@ -388,6 +407,13 @@ class RedisStore:
                 raise ConversationBusy()
         self._claims[conversation_id] = token
         return token
+
+    def cancel_elsewhere(self, conversation_id: str, key_id: str, admin: bool) -> bool:
+        """A cancel for the turn that holds the conversation, in whichever gateway: told at
+        once to every gateway (Redis's publish), and left for the turn's next renewal in
+        case its gateway missed the message."""
+        return bool(self._run("cancel", conversation_id, key_id, int(admin),
+                              round(self.claim_seconds * 1000)))
 
     def let_go(self, conversation_id: str, claim: str) -> None:
         """A claim that cannot be ended now (Redis down) runs out by itself."""
@@ -457,6 +483,8 @@ class RedisStore:
                 self._tending = os.getpid()
                 threading.Thread(target=self._tend, name="pi-agent-store-tend",
                                  daemon=True).start()
+                threading.Thread(target=self._hear_cancels, name="pi-agent-store-cancels",
+                                 daemon=True).start()
 
     def _tend(self) -> None:
         """Renew the claims of the turns under way, and sweep now and then. A greenlet under
@@ -466,7 +494,8 @@ class RedisStore:
             try:
                 held = [part for pair in list(self._claims.items()) for part in pair]
                 if held:
-                    self._run("renew", round(self.claim_seconds * 1000), *held)
+                    for cid in self._run("renew", round(self.claim_seconds * 1000), *held):
+                        self._cancel_mine(cid, self._claims.get(cid, ""))
                 if self.sweep_seconds > 0 and time.monotonic() - swept >= self.sweep_seconds:
                     swept = time.monotonic()
                     self.sweep()
@@ -474,6 +503,32 @@ class RedisStore:
                 pass  # logged; the next round tries again
             except Exception:  # the loop must outlive a bug: claims would run out
                 logger.exception("renewing the claims failed")
+
+    def _hear_cancels(self) -> None:
+        """Stop this process's turns that another gateway cancels, as the cancels come; a
+        message missed while Redis was away is found by the next renewal."""
+        while not self._closed.is_set():
+            try:
+                listening = self._redis.pubsub(ignore_subscribe_messages=True)
+                listening.subscribe(self._key("cancels"))
+                try:
+                    while not self._closed.is_set():
+                        message = listening.get_message(timeout=1.0)
+                        if message is not None:
+                            cid, _, claim = str(message["data"]).partition(" ")
+                            self._cancel_mine(cid, claim)
+                finally:
+                    listening.close()
+            except redis.RedisError:
+                self._closed.wait(1.0)  # Redis is away: listen again in a second
+            except Exception:
+                logger.exception("hearing cancels failed")
+                self._closed.wait(1.0)
+
+    def _cancel_mine(self, conversation_id: str, claim: str) -> None:
+        # Only the turn the cancel was for: a later turn of the conversation keeps going.
+        if claim and self._claims.get(conversation_id) == claim:
+            self._on_cancel(conversation_id)
 
 
 def _turn(item: str) -> Turn:

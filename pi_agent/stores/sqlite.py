@@ -198,12 +198,16 @@ class SqliteStore:
         if spent:
             self._write(lambda db: _spend(db, spent))
 
-    def claim(self, conversation_id: str) -> str:
+    def claim(self, conversation_id: str, owner: str = LOCAL_ID) -> str:
         """The file serves one process: admission control holds the conversation."""
         return ""
 
     def let_go(self, conversation_id: str, claim: str) -> None:
         pass
+
+    def cancel_elsewhere(self, conversation_id: str, key_id: str, admin: bool) -> bool:
+        """One process: its turns are all in ``RunningTurns``."""
+        return False
 
     def forget(self, conversation_id: str) -> bool:
         def change(db: Db) -> bool:

@@ -59,7 +59,9 @@ def chat_stream() -> Response:
 def cancel(conversation_id: str) -> Response:
     """Stop the turn running in a conversation; it ends with ``cancelled``.
 
-    :raise 404: no turn of that conversation is queued or running.
+    :raise 404: no turn of that conversation is queued or running, here or in another
+        gateway that shares the store.
+    :raise StoreUnavailable: 503 when that store cannot be asked.
     """
     if not CONVERSATION_ID.fullmatch(conversation_id):
         raise TurnNotRunning()
@@ -67,7 +69,10 @@ def cancel(conversation_id: str) -> Response:
         require_conversation(conversation_id, manage=True)
     except ConversationNotFound:
         raise TurnNotRunning() from None  # another key's turn is not there for this one
-    if not current_state().running.cancel(conversation_id):
+    state, key = current_state(), current_key()
+    if not state.running.cancel(conversation_id) and (
+            state.memory is None
+            or not state.memory.cancel_elsewhere(conversation_id, key.id, key.admin)):
         raise TurnNotRunning()
     g.conversation_id = conversation_id
     return jsonify(Cancelled(conversation_id=conversation_id, status="cancelling").model_dump())
