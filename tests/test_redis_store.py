@@ -261,8 +261,14 @@ def test_limits_count_on_their_own_while_redis_is_down(
     store = _store(own_redis, "down:")
     limits = Limits(ledger=store, shared=store)
     key = ApiKey(id="key_a", name="a", hash="0" * 64, rpm=2)
+    spent = ApiKey(id="key_b", name="b", hash="0" * 64, tokens_per_day=5)
     try:
+        store.spend({("key_b", datetime.now(timezone.utc).date().isoformat()): 5})
+        with pytest.raises(RateLimited, match="tokens"):
+            limits.admit(spent)  # read in Redis: used up
         own_redis.stop()
+        with pytest.raises(RateLimited, match="tokens"):
+            limits.admit(spent)  # still, from the last reading: no new quota
         assert limits.admit(key)[0] is not None  # counted here
         assert limits.admit(key)[0] is not None
         with pytest.raises(RateLimited):
@@ -285,7 +291,9 @@ def test_a_cancel_reaches_the_gateway_whose_turn_holds_the_conversation(
         assert not other.cancel_elsewhere("c", "key_b", admin=False)  # not bob's turn
         assert not other.cancel_elsewhere("d", "key_a", admin=False)  # no turn at all
         assert other.cancel_elsewhere("c", "key_a", admin=False)
-        deadline = time.monotonic() + 10
+        # Heard through Redis's publish: the claim's renewal, which would find the cancel
+        # too, comes only after 10 s.
+        deadline = time.monotonic() + 3
         while heard != ["c"]:
             assert time.monotonic() < deadline, heard
             time.sleep(0.02)
@@ -311,7 +319,9 @@ def test_a_stream_on_one_gateway_is_cancelled_from_the_other(
             cancelled = requests.post(other.url + "/chat/c/cancel", timeout=10)
             assert cancelled.status_code == 200, cancelled.text
             assert cancelled.json()["status"] == "cancelling"
-            stream.read_until(b"0\r\n\r\n")  # the stream ended, long before its 30 tokens
+            # The stream ended at once (published), not at the claim's renewal 10 s later
+            # nor after its 30 tokens (15 s).
+            stream.read_until(b"0\r\n\r\n", seconds=3)
         finally:
             stream.close()
         (turn,) = requests.get(other.url + "/conversations/c", timeout=10).json()["turns"]

@@ -20,6 +20,9 @@ from .keys import ApiKey
 
 logger = logging.getLogger(__name__)
 
+# How long a gateway counts on its own before it asks a shared store that failed again.
+SHARED_RETRY_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class Standing:
@@ -78,6 +81,7 @@ class Limits:
         self._ledger = ledger
         self._shared = shared
         self._on_my_own = False  # the shared counts failed: this process counts (logged once)
+        self._retry_at = 0.0
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
         self._tokens: dict[str, tuple[str, int]] = {}  # key id -> (UTC date, tokens used)
@@ -125,19 +129,26 @@ class Limits:
             return requests, self._token_standing(key)
 
     def _count_shared(self, key: ApiKey, spends_tokens: bool, peek: bool) -> Counted | None:
-        """The request counted in the shared store; None when it is down (then, and until
-        it answers again, this process counts on its own: said once)."""
+        """The request counted in the shared store; None when it is down: then this process
+        counts on its own (said once), from the tokens it last read there, and asks the
+        store again after ``SHARED_RETRY_SECONDS`` (not at every request: each would wait
+        for the store's timeout first)."""
         assert self._shared is not None
+        if self._on_my_own and self._clock() < self._retry_at:
+            return None
+        day = self._today().date().isoformat()
         try:
-            counted = self._shared.count_request(key.id, key.rpm, key.tokens_per_day,
-                                                 self._today().date().isoformat(),
+            counted = self._shared.count_request(key.id, key.rpm, key.tokens_per_day, day,
                                                  spends_tokens, peek)
         except StoreUnavailable:
+            self._retry_at = self._clock() + SHARED_RETRY_SECONDS
             if not self._on_my_own:
                 self._on_my_own = True
                 logger.warning("the shared limits cannot be read: each gateway counts its "
                                "own requests and tokens until they can")
             return None
+        with self._lock:
+            self._tokens[key.id] = (day, counted.used)  # the reading to go on from, if need be
         if self._on_my_own:
             self._on_my_own = False
             logger.warning("the shared limits are back")
@@ -179,9 +190,9 @@ class Limits:
         if count <= 0:
             return None
         with self._lock:
+            # With a shared store the turn's own write counts them there; here they go on
+            # from its last reading, for when it is down.
             day = self._today().date().isoformat()
-            if self._shared is not None and not self._on_my_own:
-                return day  # the turn writes them to the shared store, which counts them
             self._tokens[key.id] = (day, self._used(key, day) + count)
             return day
 
@@ -189,12 +200,12 @@ class Limits:
         used_day, used = self._tokens.get(key.id, ("", 0))
         if used_day == day:
             return used
-        try:
-            used = self._ledger.tokens_used(key.id, day) if self._ledger is not None else 0
-        except StoreUnavailable:
-            if self._shared is None:
-                raise
-            used = 0  # counting on its own, with the shared store down
+        if self._shared is not None:
+            used = 0  # never read there today (read by count_request, which failed)
+        elif self._ledger is not None:
+            used = self._ledger.tokens_used(key.id, day)
+        else:
+            used = 0
         self._tokens[key.id] = (day, used)
         return used
 

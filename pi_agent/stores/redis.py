@@ -492,10 +492,11 @@ class RedisStore:
         swept = time.monotonic()
         while not self._closed.wait(self.claim_seconds / 3):
             try:
-                held = [part for pair in list(self._claims.items()) for part in pair]
+                held = dict(self._claims)  # the claims as they were sent
                 if held:
-                    for cid in self._run("renew", round(self.claim_seconds * 1000), *held):
-                        self._cancel_mine(cid, self._claims.get(cid, ""))
+                    pairs = [part for pair in held.items() for part in pair]
+                    for cid in self._run("renew", round(self.claim_seconds * 1000), *pairs):
+                        self._cancel_mine(cid, held[cid])
                 if self.sweep_seconds > 0 and time.monotonic() - swept >= self.sweep_seconds:
                     swept = time.monotonic()
                     self.sweep()
@@ -510,8 +511,8 @@ class RedisStore:
         while not self._closed.is_set():
             try:
                 listening = self._redis.pubsub(ignore_subscribe_messages=True)
-                listening.subscribe(self._key("cancels"))
                 try:
+                    listening.subscribe(self._key("cancels"))
                     while not self._closed.is_set():
                         message = listening.get_message(timeout=1.0)
                         if message is not None:
