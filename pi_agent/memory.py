@@ -111,13 +111,27 @@ class Store(Protocol):
         """Whether a conversation is remembered."""
 
 
+class OneProcess:
+    """The claims of a store that one process uses: its admission control holds a
+    conversation, and its ``RunningTurns`` has every turn to cancel."""
+
+    def claim(self, conversation_id: str, owner: str = LOCAL_ID) -> str:
+        return ""
+
+    def let_go(self, conversation_id: str, claim: str) -> None:
+        pass
+
+    def cancel_elsewhere(self, conversation_id: str, key_id: str, admin: bool) -> bool:
+        return False
+
+
 def turn_size(turn: Turn) -> int:
     """What a turn counts against the byte budget: the UTF-8 bytes of its messages."""
     return len(turn.user.encode("utf-8", "surrogatepass")) + \
         len(turn.assistant.encode("utf-8", "surrogatepass"))
 
 
-class MemoryStore:
+class MemoryStore(OneProcess):
     """Keep the recent turns of many conversations in this process, bounded five ways.
 
     At most ``max_turns`` turns per conversation: one more drops the oldest in one block,
@@ -213,17 +227,6 @@ class MemoryStore:
     def spend(self, spent: Spent) -> None:
         with self._lock:
             self._spend(spent)
-
-    def claim(self, conversation_id: str, owner: str = LOCAL_ID) -> str:
-        """One process: admission control holds the conversation."""
-        return ""
-
-    def let_go(self, conversation_id: str, claim: str) -> None:
-        pass
-
-    def cancel_elsewhere(self, conversation_id: str, key_id: str, admin: bool) -> bool:
-        """One process: its turns are all in ``RunningTurns``."""
-        return False
 
     def tokens_used(self, key_id: str, day: str) -> int:
         with self._lock:

@@ -29,7 +29,7 @@ from typing import Protocol, TypeVar, cast
 
 from ..config import LOCAL_ID
 from ..errors import StoreUnavailable
-from ..memory import Spent, Turn, turn_size
+from ..memory import OneProcess, Spent, Turn, turn_size
 from .sqlite_file import BUSY_SECONDS, prepare
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def _plain(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
 
 
-class SqliteStore:
+class SqliteStore(OneProcess):
     """A ``memory.Store`` in the SQLite file at ``path``, made if missing.
 
     :raise StoreFileError: the file or its folder cannot be used (from ``prepare``).
@@ -197,17 +197,6 @@ class SqliteStore:
     def spend(self, spent: Spent) -> None:
         if spent:
             self._write(lambda db: _spend(db, spent))
-
-    def claim(self, conversation_id: str, owner: str = LOCAL_ID) -> str:
-        """The file serves one process: admission control holds the conversation."""
-        return ""
-
-    def let_go(self, conversation_id: str, claim: str) -> None:
-        pass
-
-    def cancel_elsewhere(self, conversation_id: str, key_id: str, admin: bool) -> bool:
-        """One process: its turns are all in ``RunningTurns``."""
-        return False
 
     def forget(self, conversation_id: str) -> bool:
         def change(db: Db) -> bool:
