@@ -31,8 +31,9 @@ from .providers import PROVIDERS
 from .security.keys import KeyFileError, KeyRing, Offload
 from .security.limits import Limits, SharedCounts
 from .state import EXTENSION_KEY, AppState
-from .stores.sqlite import OneThread, PlainThread, SqliteStore
+from .stores.sqlite import SqliteStore
 from .stores.sqlite_file import StoreFileError, state_file
+from .stores.threads import OneThread, PlainThread
 from .web import auth, errors, framing, tracing
 from .web.native import agents, chat, conversations, health
 from .web.native.errors import render_error

@@ -23,14 +23,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
-from typing import Protocol, TypeVar, cast
+from typing import TypeVar, cast
 
 from ..config import LOCAL_ID
 from ..errors import StoreUnavailable
 from ..memory import OneProcess, Spent, Turn, turn_size
 from .sqlite_file import BUSY_SECONDS, prepare
+from .threads import OneThread, PlainThread
 
 logger = logging.getLogger(__name__)
 
@@ -39,28 +39,6 @@ Db = sqlite3.Connection
 
 # Token days older than this are swept: the quota needs today's only.
 TOKEN_DAYS_KEPT = 31
-
-
-class OneThread(Protocol):
-    """One OS thread that runs jobs one after another; ``run`` waits for the job."""
-
-    def run(self, job: Callable[[], T]) -> T: ...
-
-    def close(self) -> None: ...
-
-
-class PlainThread:
-    """A ``OneThread`` where nothing patched ``threading`` (the gthread and sync workers,
-    other WSGI servers, tests). Under gevent, create_app passes one of gevent's pool."""
-
-    def __init__(self, name: str) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
-
-    def run(self, job: Callable[[], T]) -> T:
-        return self._executor.submit(job).result()
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
 
 
 def _text(value: str) -> bytes:
