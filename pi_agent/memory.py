@@ -111,6 +111,20 @@ class Store(Protocol):
         """Whether a conversation is remembered."""
 
 
+class Bounded:
+    """The bounds every store keeps to, with the same rules (``MemoryStore``'s docstring)."""
+
+    def _bound(self, max_turns: int, ttl_seconds: float, max_conversations: int,
+               max_bytes: int, max_per_key: int, keep_on_drop: int) -> None:
+        self.max_turns = max_turns
+        # At least the turn just remembered stays; at most all but the oldest.
+        self.keep_on_drop = max(1, min(keep_on_drop, max_turns - 1))
+        self.ttl_seconds = ttl_seconds
+        self.max_conversations = max_conversations
+        self.max_bytes = max_bytes
+        self.max_per_key = max_per_key
+
+
 class OneProcess:
     """The claims of a store that one process uses: its admission control holds a
     conversation, and its ``RunningTurns`` has every turn to cancel."""
@@ -131,7 +145,7 @@ def turn_size(turn: Turn) -> int:
         len(turn.assistant.encode("utf-8", "surrogatepass"))
 
 
-class MemoryStore(OneProcess):
+class MemoryStore(Bounded, OneProcess):
     """Keep the recent turns of many conversations in this process, bounded five ways.
 
     At most ``max_turns`` turns per conversation: one more drops the oldest in one block,
@@ -162,13 +176,8 @@ class MemoryStore(OneProcess):
         clock: Callable[[], float] = time.monotonic,
         keep_on_drop: int = 1,
     ) -> None:
-        self.max_turns = max_turns
-        # At least the turn just remembered stays; at most all but the oldest.
-        self.keep_on_drop = max(1, min(keep_on_drop, max_turns - 1))
-        self.ttl_seconds = ttl_seconds
-        self.max_conversations = max_conversations
-        self.max_bytes = max_bytes
-        self.max_per_key = max_per_key
+        self._bound(max_turns, ttl_seconds, max_conversations, max_bytes, max_per_key,
+                    keep_on_drop)
         self._clock = clock
         self._lock = threading.Lock()
         # Ordered from least to most recently used, so expiry and eviction pop from the front.

@@ -1,6 +1,7 @@
 """One request's life, owned by one object: its place in admission control, its cancel
 registration, its watch (client gone, cancel, shutdown, idle and total time), its upstream
-call, the recording of its answer into memory, its token count, and exactly one release.
+call, the recording of its answer into memory and its token count (through keeping.py), and
+exactly one release.
 
 Every front gets a ``Turn`` from ``Turns.open`` (create_app builds one ``Turns``) and picks
 how it is answered:
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, TypeVar, cast
 
@@ -32,7 +32,6 @@ from ..errors import (
     PiAgentError,
     ProviderError,
     ServerShuttingDown,
-    StoreUnavailable,
     TurnCancelled,
     UpstreamProtocolError,
 )
@@ -44,6 +43,7 @@ from ..security.limits import Limits
 from .admission import Admission
 from .agents import Agent
 from .context import turn_tokens
+from .keeping import Keeping
 from .events import Encoder, Event, ToolAnswered
 from .generation import Gathered, Reply, Streamer
 from .knowledge import Library, Source
@@ -122,21 +122,15 @@ class Turn:
         self.client = client
         self._prompt = prompt
         self._remember = remember or ""
-        self._memory = turns.memory if remember is not None else None
-        self._owner = key.id
-        self._meter = turns.limits.meter(key)
-        # The completion tokens counted and not yet written to the store, by (key, day).
-        self._spent: Counter[tuple[str, str]] = Counter()
         self._loop: ToolLoop | None = None  # an agent with tools: the gateway runs them
         self.ticket = turns.admission.enter(conversation_id)
-        # Held in every gateway that shares the store too (Redis); "" where it is this one's.
-        self._claim = ""
-        if self._memory is not None:
-            try:
-                self._claim = self._memory.claim(conversation_id, key.id)
-            except BaseException:
-                turns.admission.leave(self.ticket)
-                raise
+        try:
+            self._keeping = Keeping(turns.store,
+                                    turns.memory if remember is not None else None,
+                                    conversation_id, key.id, turns.limits.meter(key))
+        except BaseException:
+            turns.admission.leave(self.ticket)
+            raise
         # Registered now, not when a stream starts: a cancel may come before that.
         self._cancel = turns.running.add(conversation_id, key.id)
         self.abort = Abort()
@@ -167,7 +161,7 @@ class Turn:
         toolbox = self._prompt.toolbox if self._prompt is not None else None
         if toolbox is None:
             return self._turns.provider
-        self._loop = ToolLoop(self._turns.provider, toolbox, self._spend)
+        self._loop = ToolLoop(self._turns.provider, toolbox, self._keeping.spend)
         return self._loop
 
     def count_tokens(self, tokens: int) -> None:
@@ -175,15 +169,7 @@ class Turn:
         of each of its model calls itself. They are written to the store with the answer
         (``record``), or when the turn ends (``release``)."""
         if self._loop is None:
-            self._spend(tokens)
-
-    def _spend(self, tokens: int) -> None:
-        try:
-            day = self._meter(tokens)
-        except StoreUnavailable:  # a new day's count could not be read: logged by the store
-            return
-        if day is not None:
-            self._spent[(self._owner, day)] += tokens
+            self._keeping.spend(tokens)
 
     @property
     def steps(self) -> int:
@@ -232,10 +218,11 @@ class Turn:
         do not fit its budget are left out in one block, and forgotten with the answer
         (``record``): the next call's prompt then begins with this one's (context.py)."""
         assert self._prompt is not None, "a turn that relays Ollama's bytes has no prompt"
-        if self._memory is None or self._fixed is not None:  # a fixed reply reads no history
+        memory = self._keeping.memory
+        if memory is None or self._fixed is not None:  # a fixed reply reads no history
             return self._prompt.call
-        fitted = self._prompt.with_history(self._memory.history(self.conversation_id),
-                                           self._memory.keep_on_drop)
+        fitted = self._prompt.with_history(memory.history(self.conversation_id),
+                                           memory.keep_on_drop)
         self.history = (fitted.turns, fitted.dropped)
         return fitted.call
 
@@ -253,19 +240,11 @@ class Turn:
         if self._loop is not None:
             answer = self._loop.answer  # not the text shown before a tool call
             answer_tokens = 0  # the loop's count is of every call
-        if self._memory is None or not answer or not self._remember:
+        if self._keeping.memory is None or not answer or not self._remember:
             return
-        spent, self._spent = self._spent, Counter()
-        turn = Remembered(user=self._remember, assistant=answer, partial=partial,
-                          done_reason=done_reason,
-                          tokens=turn_tokens(self._remember, answer, answer_tokens))
-        try:
-            self._memory.append(self.conversation_id, turn, self._owner, self.history[1],
-                                spent, self._claim)
-        except StoreUnavailable:
-            logger.error("the answer of conversation %s was not remembered",
-                         self.conversation_id)
-            self._spent.update(spent)  # release tries to write the tokens alone
+        self._keeping.remember(Remembered(
+            user=self._remember, assistant=answer, partial=partial, done_reason=done_reason,
+            tokens=turn_tokens(self._remember, answer, answer_tokens)), self.history[1])
 
     def stream(self, encoder: Encoder) -> EventRelay:
         """The turn as an event stream, written by ``encoder``; see relay.py."""
@@ -394,16 +373,8 @@ class Turn:
         if self.watch is not None:
             self.watch.stop()
         try:
-            if self._spent:  # tokens of a turn that remembered nothing
-                spent, self._spent = self._spent, Counter()
-                self._turns.store.spend(spent)
-        except StoreUnavailable:
-            logger.error("the tokens of a turn of key %s were not written", self._owner)
+            self._keeping.finish()  # the tokens not written yet, the claim let go
         finally:
-            try:
-                if self._claim and self._memory is not None:
-                    self._memory.let_go(self.conversation_id, self._claim)
-            finally:
-                self.abort.set_handler(None)  # the connection may go back to the pool
-                self._turns.admission.leave(self.ticket)
-                self._turns.running.remove(self.conversation_id, self._cancel)
+            self.abort.set_handler(None)  # the connection may go back to the pool
+            self._turns.admission.leave(self.ticket)
+            self._turns.running.remove(self.conversation_id, self._cancel)

@@ -46,7 +46,7 @@ from redis.retry import Retry
 
 from ..config import LOCAL_ID
 from ..errors import ConversationBusy, StoreUnavailable
-from ..memory import Spent, Turn, turn_size
+from ..memory import Bounded, Spent, Turn, turn_size
 from ..security.limits import Counted
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ CLAIM_SECONDS = 30.0
 SCRIPT = resources.files(__package__).joinpath("redis.lua").read_text(encoding="utf-8")
 
 
-class RedisStore:
+class RedisStore(Bounded):
     """A ``memory.Store`` in the Redis at ``url`` (``redis://host:port/db``,
     ``unix:///path?db=0``), under ``prefix``. Nothing connects until the first command."""
 
@@ -82,12 +82,8 @@ class RedisStore:
         """``on_cancel`` stops this process's turn of a conversation (``RunningTurns``),
         when another gateway cancels it."""
         self.url = url
-        self.max_turns = max_turns
-        self.keep_on_drop = max(1, min(keep_on_drop, max_turns - 1))
-        self.ttl_seconds = ttl_seconds
-        self.max_conversations = max_conversations
-        self.max_bytes = max_bytes
-        self.max_per_key = max_per_key
+        self._bound(max_turns, ttl_seconds, max_conversations, max_bytes, max_per_key,
+                    keep_on_drop)
         self.sweep_seconds = sweep_seconds
         self.claim_seconds = claim_seconds
         self._claims: dict[str, str] = {}  # the conversations this process's turns hold

@@ -28,7 +28,7 @@ from typing import TypeVar, cast
 
 from ..config import LOCAL_ID
 from ..errors import StoreUnavailable
-from ..memory import OneProcess, Spent, Turn, turn_size
+from ..memory import Bounded, OneProcess, Spent, Turn, turn_size
 from .sqlite_file import BUSY_SECONDS, prepare
 from .threads import OneThread, PlainThread
 
@@ -54,7 +54,7 @@ def _plain(value: str) -> str:
     return value.encode("utf-8", "replace").decode("utf-8")
 
 
-class SqliteStore(OneProcess):
+class SqliteStore(Bounded, OneProcess):
     """A ``memory.Store`` in the SQLite file at ``path``, made if missing.
 
     :raise StoreFileError: the file or its folder cannot be used (from ``prepare``).
@@ -77,12 +77,8 @@ class SqliteStore(OneProcess):
     ) -> None:
         prepare(path)
         self.path = path
-        self.max_turns = max_turns
-        self.keep_on_drop = max(1, min(keep_on_drop, max_turns - 1))
-        self.ttl_seconds = ttl_seconds
-        self.max_conversations = max_conversations
-        self.max_bytes = max_bytes
-        self.max_per_key = max_per_key
+        self._bound(max_turns, ttl_seconds, max_conversations, max_bytes, max_per_key,
+                    keep_on_drop)
         self.sweep_seconds = sweep_seconds
         self._synchronous = "FULL" if synchronous == "full" else "NORMAL"
         self._busy_seconds = busy_seconds
