@@ -128,15 +128,17 @@ def may_use_agent(key: ApiKey, name: str) -> bool:
     return key.agents is None or name in key.agents
 
 
-def require_conversation(conversation_id: str, manage: bool = False) -> None:
+def require_conversation(conversation_id: str, manage: bool = False,
+                         owner: str | None = None) -> None:
     """Check that the request's key may use the conversation: its own, or, to ``manage``
     it (delete it, cancel its turn), any, with the admin scope. A conversation that does
-    not exist yet is there for the taking.
+    not exist yet is there for the taking. ``owner``: already looked up by the caller
+    (with a shared store, each look is a round trip).
 
     :raise ConversationNotFound: 404, as if another key's conversation did not exist.
     """
     key = current_key()
-    owner = owner_of(conversation_id)
+    owner = owner or owner_of(conversation_id)
     if owner is None or owner == key.id or (manage and key.admin):
         return
     raise ConversationNotFound()

@@ -63,8 +63,10 @@ def _find(conversation_id: str, manage: bool) -> Store:
     :raise ConversationNotFound: 404 for an unknown, malformed or another key's id.
     """
     memory = current_state().memory
-    if (memory is None or not CONVERSATION_ID.fullmatch(conversation_id)
-            or memory.owner(conversation_id) is None):
+    if memory is None or not CONVERSATION_ID.fullmatch(conversation_id):
         raise ConversationNotFound()
-    require_conversation(conversation_id, manage=manage)
+    owner = memory.owner(conversation_id)
+    if owner is None:
+        raise ConversationNotFound()
+    require_conversation(conversation_id, manage=manage, owner=owner)
     return memory
