@@ -22,8 +22,10 @@ except ConfigError as exc:
 bind = [_settings.bind]
 # gunicorn's gevent worker ("-k gevent"), with gevent imported in the worker only.
 worker_class = "pi_agent.worker.GeventWorker"
-# The memory store lives in the worker's process: a second worker would not share it.
-workers = 1
+# PI_AGENT_WORKERS, 1 by default: the memory and SQLite stores live in one worker's process,
+# and a Pi runs one generation at a time anyway. More workers need the Redis store, which they
+# all share (on_starting refuses the others); each opens its own connections after the fork.
+workers = _settings.workers
 worker_connections = 2000
 # Building the app in the master would import ssl and requests before gevent patches them.
 preload_app = False
@@ -54,7 +56,8 @@ def on_starting(server):
     try:
         # Read again: gunicorn has applied its -e variables to the environment by now.
         settings = load_settings()
-        reason = refusal(server.cfg.bind, settings) or _store_refusal(settings)
+        reason = (refusal(server.cfg.bind, settings) or _workers_refusal(server, settings)
+                  or _store_refusal(settings))
     except (ConfigError, KeyFileError) as exc:
         reason = str(exc)
     if reason:
@@ -63,6 +66,16 @@ def on_starting(server):
         server.log.warning("pi-agent: PI_AGENT_AUTH=off: every request is served without a key")
     _fit_worker(server, settings)
     _fit_descriptors(server)
+
+
+def _workers_refusal(server, settings):
+    """Several workers share nothing but a Redis store: with another one, each would keep
+    its own conversations, limits and slots, and a conversation would change with the worker
+    that a request happens to reach."""
+    if server.cfg.workers > 1 and settings.store != "redis":
+        return (f"{server.cfg.workers} workers need PI_AGENT_STORE=redis (the {settings.store}"
+                f" store is one worker's): set PI_AGENT_WORKERS=1 or use Redis")
+    return ""
 
 
 def _store_refusal(settings):

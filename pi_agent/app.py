@@ -16,12 +16,12 @@ from flask import Flask
 from flask_cors import CORS
 
 from .config import ConfigError, Settings, load_settings, setting_keys
-from .core.admission import Admission
+from .core.admission import Admission, SharedSlots
 from .core.agent_file import AgentsFileError, load_agents
 from .core.agents import AgentBook
 from .core.knowledge import Library
 from .core.lifecycle import Shutdown
-from .core.readiness import ReadinessCheck
+from .core.readiness import Readiness, ReadinessCheck
 from .core.running import RunningTurns
 from .core.turn import Turns
 from .core.watch import Watchdog
@@ -91,28 +91,33 @@ def build_state(settings: Settings) -> AppState:
             raise ConfigError(f"invalid setting PI_AGENT_KEYS_FILE: {exc}") from None
     elif settings.auth == "off":
         logger.warning("PI_AGENT_AUTH=off: every request is served without an API key")
-    provider = PROVIDERS[settings.provider](settings)
-    admission = Admission(settings.max_concurrent, settings.max_queue)
+    pool = PROVIDERS[settings.provider](settings)
+    # Each upstream's slots; with a store that several gateways share (Redis), held there.
+    admission = Admission(settings.max_concurrent, settings.max_queue, upstreams=pool.names,
+                          shared=store if isinstance(store, SharedSlots) else None)
     watchdog, shutdown = Watchdog(), Shutdown()
     # A store that several gateways share (Redis) counts the requests and tokens too.
     limits = Limits(ledger=store, shared=store if isinstance(store, SharedCounts) else None)
     agents, library = _agents(settings.agents_file), Library(settings.state_dir)
     return AppState(
         settings=settings,
-        provider=provider,
+        provider=pool,
         store=store,
         memory=store if settings.enable_memory else None,
         agents=agents,
-        readiness=ReadinessCheck(
-            provider, settings.model, settings.ollama_url, settings.ready_cache_seconds
-        ),
+        readiness=Readiness(
+            [(upstream.name, ReadinessCheck(upstream.provider, settings.model,
+                                            upstream.provider.base_url,
+                                            settings.ready_cache_seconds))
+             for upstream in pool.upstreams],
+            store.trouble, settings.ready_cache_seconds),
         admission=admission,
         running=running,
         shutdown=shutdown,
         watchdog=watchdog,
         keys=keys,
         limits=limits,
-        turns=Turns(settings, provider, admission, running, watchdog, shutdown, store, limits,
+        turns=Turns(settings, pool, admission, running, watchdog, shutdown, store, limits,
                     agents, library),
         knowledge=library,
     )
@@ -139,7 +144,8 @@ def _store(settings: Settings, running: RunningTurns) -> Store:
         from .stores.redis import RedisStore
 
         return RedisStore(settings.redis_url, prefix=settings.redis_prefix,
-                          on_cancel=running.cancel, **bounds)
+                          on_cancel=running.cancel,
+                          claim_seconds=settings.redis_lease_seconds, **bounds)
     try:
         return SqliteStore(state_file(settings.state_dir), synchronous=settings.sqlite_sync,
                            busy_seconds=settings.sqlite_busy_seconds,

@@ -105,6 +105,18 @@ def _url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _urls(value: Any) -> str:
+    """One URL, or several separated by commas (several Ollama servers); kept as one string,
+    without spaces and trailing slashes, in the order given."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    urls = [_url(str(item).strip()) for item in items if str(item).strip()]
+    if not urls:
+        raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:11434")
+    if len(set(urls)) != len(urls):
+        raise ValueError("names one URL twice")
+    return ",".join(urls)
+
+
 def _redis_url(value: Any) -> str:
     if not isinstance(value, str) or not re.match(r"^(rediss?://[^/\s]+|unix:///\S+)", value):
         raise ValueError("must be a redis://host:port/db, rediss:// or unix:///path URL")
@@ -149,7 +161,8 @@ class Settings:
     """Every setting of the server, checked; read-only once built."""
 
     provider: str = _setting("ollama", _choice("ollama"))
-    ollama_url: str = _setting("http://127.0.0.1:11434", _url)
+    # One Ollama, or several separated by commas (see providers/pool.py).
+    ollama_url: str = _setting("http://127.0.0.1:11434", _urls)
     model: str = _setting("llama3.2:1b", _text(200))
     temperature: float = _setting(0.7, _number(0, 2))
     num_ctx: int = _setting(2048, _integer(128, 1_048_576))
@@ -169,6 +182,11 @@ class Settings:
     sqlite_busy_seconds: float = _setting(5.0, _number(0, 600, low_open=True))
     redis_url: str = _setting("redis://127.0.0.1:6379/0", _redis_url)
     redis_prefix: str = _setting("pi-agent:", _text(100))
+    # How long a claim on a conversation and a generation slot hold in Redis without being
+    # renewed (every third of it): what a gateway that died holds is free again after it.
+    redis_lease_seconds: float = _setting(30.0, _number(1, 3600))
+    # gunicorn's worker processes; more than one needs the Redis store.
+    workers: int = _setting(1, _integer(1, 64))
     connect_timeout: float = _setting(DEFAULT_CONNECT_TIMEOUT, _number(0, 600, low_open=True))
     first_token_timeout: float = _setting(DEFAULT_FIRST_TOKEN_TIMEOUT,
                                           _number(0, 86_400, low_open=True))
@@ -198,6 +216,11 @@ class Settings:
     max_messages: int = _setting(64, _integer(1, 10_000))
     max_tools: int = _setting(32, _integer(0, 1000))
     max_num_ctx: int = _setting(8192, _integer(128, 1_048_576))
+
+    @property
+    def ollama_urls(self) -> tuple[str, ...]:
+        """The Ollama servers, in the order given."""
+        return tuple(self.ollama_url.split(","))
 
 
 def load_settings(

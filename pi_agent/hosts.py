@@ -32,8 +32,9 @@ SPARE_THREADS = 4
 def threads_needed(settings: Settings) -> int:
     """Return the request threads a thread-per-request host needs (waitress, gunicorn's
     gthread worker, mod_wsgi daemon processes): a turn holds its thread while it runs and
-    while it waits in the queue."""
-    return settings.max_concurrent + settings.max_queue + SPARE_THREADS
+    while it waits in the queue; each upstream has its own slots."""
+    slots = settings.max_concurrent * len(settings.ollama_urls)
+    return slots + settings.max_queue + SPARE_THREADS
 
 
 # Descriptors kept aside from connections: the listener, logs, the key file, the pipes and
@@ -96,7 +97,8 @@ def _waitress_warnings(environ: dict[str, Any], settings: Settings) -> list[str]
     if isinstance(threads, int) and threads < needed:
         warnings.append(
             f"waitress runs {threads} threads, but PI_AGENT_MAX_CONCURRENT="
-            f"{settings.max_concurrent} and PI_AGENT_MAX_QUEUE={settings.max_queue} need "
+            f"{settings.max_concurrent} (for each upstream) and PI_AGENT_MAX_QUEUE="
+            f"{settings.max_queue} need "
             f"{needed}: with every thread in a turn, /health and cancels wait. Start waitress "
             f"with --threads={needed}, or lower PI_AGENT_MAX_QUEUE")
     return warnings

@@ -82,6 +82,10 @@ class Store(Protocol):
         """Ask the process whose turn holds the conversation to stop it, for the key that
         owns the turn (or an admin key); False when no turn holds it for this key."""
 
+    def trouble(self) -> str:
+        """What is wrong with a store that runs apart from the server (Redis), for
+        ``/ready``; "" when nothing is."""
+
     def spend(self, spent: Spent) -> None:
         """Count the completion tokens of a turn that remembers nothing."""
 
@@ -137,6 +141,9 @@ class OneProcess:
 
     def cancel_elsewhere(self, conversation_id: str, key_id: str, admin: bool) -> bool:
         return False
+
+    def trouble(self) -> str:
+        return ""
 
 
 def turn_size(turn: Turn) -> int:

@@ -11,12 +11,12 @@ from .core.admission import Admission
 from .core.agents import Agent
 from .core.knowledge import Library
 from .core.lifecycle import Shutdown
-from .core.readiness import ReadinessCheck
+from .core.readiness import Readiness
 from .core.running import RunningTurns
 from .core.turn import Turns
 from .core.watch import Watchdog
 from .memory import Store
-from .providers.base import Provider
+from .providers.pool import UpstreamPool
 from .security.keys import KeyRing
 from .security.limits import Limits
 
@@ -30,11 +30,11 @@ class AppState:
     way, the API keys and their limits."""
 
     settings: Settings
-    provider: Provider
+    provider: UpstreamPool  # one Ollama or several
     store: Store  # memory and each key's tokens per day
     memory: Store | None
     agents: Mapping[str, Agent]
-    readiness: ReadinessCheck
+    readiness: Readiness
     admission: Admission
     running: RunningTurns
     shutdown: Shutdown

@@ -75,6 +75,8 @@ class FakeOllama:
         self.tokens_sent = 0
         self.connections_accepted = 0
         self.tags_status = 200
+        # The models /api/ps names as loaded; None: the first installed one.
+        self.loaded: set[str] | None = None
         self.stream_finished = threading.Event()
         self.client_closed = threading.Event()
         self.client_closed_at: float | None = None
@@ -121,6 +123,7 @@ class FakeOllama:
         self.stream_finished.clear()
         self.client_closed.clear()
         self.client_closed_at = None
+        self.loaded = None
 
     def chat_requests(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -235,7 +238,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/api/ps":
             models = [{"name": m, "model": m, "size": 1, "details": {"family": "llama"},
                        "expires_at": MODIFIED_AT, "size_vram": 0, "context_length": 2048}
-                      for m in sorted(self.fake.models)[:1]]
+                      for m in (sorted(self.fake.models)[:1] if self.fake.loaded is None
+                                else sorted(self.fake.loaded))]
             self._send_json(200, {"models": models})
         else:
             self._send(404, b"404 page not found", "text/plain")

@@ -48,6 +48,7 @@ def test_reply_has_every_field(client: FlaskClient, fake_ollama: FakeOllama) -> 
         "tool_calls": [],  # nor has it tools
         "steps": 1,
         "history": {"turns": 0, "dropped": 0},  # a new conversation
+        "upstream": fake_ollama.url.removeprefix("http://"),  # the Ollama that answered
     }
     assert response.headers["X-Conversation-Id"] == body["conversation_id"]
 

@@ -5,6 +5,9 @@ conversation is needed, the limits count per gateway meanwhile, the rest keeps w
 all of it comes back with Redis."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -17,15 +20,26 @@ import pytest
 import redis
 import requests
 
-from pi_agent.errors import ConversationBusy, RateLimited, StoreUnavailable
+from pi_agent.core.admission import Admission
+from pi_agent.errors import ConversationBusy, QueueFull, RateLimited, StoreUnavailable
 from pi_agent.memory import Turn
 from pi_agent.security.keys import ApiKey
 from pi_agent.security.limits import Limits
 from pi_agent.stores.redis import RedisStore
 
 from .fake_ollama import FakeOllama, Script
-from .live_server import Gunicorn, RawStream, serving
+from .conftest import unused_port
+from .live_server import (
+    ROOT,
+    STARTUP_SECONDS,
+    Gunicorn,
+    RawStream,
+    gunicorn_command,
+    serving,
+    server_env,
+)
 from .redis_server import RedisServer
+from .test_gunicorn import child_pids
 from .test_security import create_key
 
 ANSWER = "Hello, world!"
@@ -96,26 +110,28 @@ def test_redis_frozen_or_gone_is_503_where_a_conversation_is_needed(
     fake: FakeOllama, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     with serving(tmp_path / "server.log", STORE="redis", REDIS_URL=own_redis.url,
-                 OLLAMA_URL=fake.url) as server:
+                 OLLAMA_URL=fake.url, READY_CACHE_SECONDS="0") as server:
         assert requests.post(server.url + "/chat", json={
             "message": "q0", "conversation_id": "c"}, timeout=10).status_code == 200
         own_redis.freeze()
         try:
-            _check_degraded(server)
+            _check_degraded(server, own_redis.url)
         finally:
             own_redis.thaw()
         # Back: the conversation is where it was.
         again = requests.post(server.url + "/chat", timeout=10,
                               json={"message": "q1", "conversation_id": "c"})
         assert again.status_code == 200 and again.json()["history"]["turns"] == 1
+        assert requests.get(server.url + "/ready", timeout=10).json()["status"] == "ready"
         own_redis.stop()
-        _check_degraded(server)
+        _check_degraded(server, own_redis.url)
     assert "Traceback" not in server.log.read_text()
 
 
-def _check_degraded(server: Gunicorn) -> None:
-    """Requests that name or list a conversation: 503 (the client's timeout is far above
-    the store's second); a chat that remembers nothing and /health still answer."""
+def _check_degraded(server: Gunicorn, redis_url: str) -> None:
+    """Requests that name or list a conversation: 503, each within a second (the client's
+    timeout is far above it); a chat of a new conversation, one that remembers nothing and
+    /health still answer; /ready says what is wrong."""
     for response in (
         requests.post(server.url + "/chat", timeout=10,
                       json={"message": "q", "conversation_id": "c"}),
@@ -123,11 +139,18 @@ def _check_degraded(server: Gunicorn) -> None:
         requests.get(server.url + "/conversations/c", timeout=10),
     ):
         assert _store_unavailable(response), response.text
+        assert response.elapsed.total_seconds() < 1.0
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
     relayed = requests.post(server.url + "/api/chat", timeout=10, json={
         "model": "llama3.2:1b", "stream": False,
         "messages": [{"role": "user", "content": "hi"}]})
     assert relayed.status_code == 200
+    fresh = requests.post(server.url + "/chat", json={"message": "new"}, timeout=10)
+    assert fresh.status_code == 200 and fresh.json()["reply"] == ANSWER
+    ready = requests.get(server.url + "/ready", timeout=10)
+    assert ready.status_code == 200 and ready.elapsed.total_seconds() < 1.0
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["reason"].startswith(f"redis at {redis_url} does not answer")
 
 
 def _store(server: RedisServer, prefix: str, **options: Any) -> RedisStore:
@@ -327,3 +350,132 @@ def test_a_stream_on_one_gateway_is_cancelled_from_the_other(
         (turn,) = requests.get(other.url + "/conversations/c", timeout=10).json()["turns"]
         assert turn["partial"] is True and "tok29" not in turn["assistant"]
         assert requests.post(other.url + "/chat/c/cancel", timeout=10).status_code == 404
+
+
+# --- generation slots shared by every gateway ------------------------------------------
+
+
+def test_slots_are_leases_that_every_gateway_counts_and_that_run_out(
+    redis_server: RedisServer
+) -> None:
+    prefix = f"{uuid.uuid4().hex}:"
+    one = _store(redis_server, prefix, claim_seconds=0.6)
+    other = _store(redis_server, prefix, claim_seconds=0.6)
+    try:
+        lease = one.take_slot("pi:11434", 1)
+        assert lease and other.take_slot("pi:11434", 1) == ""
+        assert other.take_slot("pi2:11434", 1)  # each upstream has slots of its own
+        time.sleep(1.5)  # past the lease: renewed while held
+        assert other.take_slot("pi:11434", 1) == ""
+        one.give_slot("pi:11434", lease)
+        second = other.take_slot("pi:11434", 1)
+        assert int(second.split()[0]) > int(lease.split()[0])  # the fence only grows
+        one.give_slot("pi:11434", lease)  # an ended lease ends no later one
+        assert one.take_slot("pi:11434", 1) == ""
+        other.close()  # a gateway that dies: its leases are not renewed, and run out
+        deadline = time.monotonic() + 10
+        while not one.take_slot("pi:11434", 1):
+            assert time.monotonic() < deadline, "the lease did not run out"
+            time.sleep(0.1)
+    finally:
+        one.close()
+        other.close()
+
+
+def test_two_admissions_share_one_upstreams_slots_and_count_alone_without_redis(
+    redis_server: RedisServer
+) -> None:
+    prefix = f"{uuid.uuid4().hex}:"
+    one, other = _store(redis_server, prefix), _store(redis_server, prefix)
+    gone = RedisStore(f"redis://127.0.0.1:{unused_port()}/0", max_turns=10, ttl_seconds=600,
+                      max_conversations=100, sweep_seconds=0)
+    try:
+        here = Admission(1, 4, upstreams=["pi:11434"], shared=one)
+        there = Admission(1, 4, upstreams=["pi:11434"], shared=other)
+        running = here.enter("c1")
+        assert running.admitted and running.lease
+        waiting = there.enter("c2")
+        assert not waiting.admitted and there.position(waiting) == 1
+        assert not there.wait(waiting, 0.5)
+        here.leave(running)
+        # Nothing here tells the other gateway: its waiting ticket looks again by itself.
+        assert there.wait(waiting, 3) and waiting.upstream == "pi:11434"
+        there.leave(waiting)
+        alone = Admission(1, 4, upstreams=["pi:11434"], shared=gone)
+        started = time.monotonic()
+        ticket = alone.enter("c3")
+        assert ticket.admitted and ticket.lease == "" and alone.on_my_own
+        assert time.monotonic() - started < 1.5
+        with pytest.raises(QueueFull):  # its own count holds meanwhile
+            for i in range(5):
+                alone.enter(f"d{i}")
+    finally:
+        for store in (one, other, gone):
+            store.close()
+
+
+def test_an_upstreams_slot_limit_holds_across_gateways_and_a_killed_worker_frees_it(
+    fake: FakeOllama, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = {"STORE": "redis", "REDIS_URL": redis_server.url, "MAX_CONCURRENT": "1",
+                "REDIS_PREFIX": f"{uuid.uuid4().hex}:", "OLLAMA_URL": fake.url,
+                "REDIS_LEASE_SECONDS": "2", "HEARTBEAT_SECONDS": "1"}
+    fake.script = Script(tokens=[f"tok{i} " for i in range(100)], token_delay=0.2)
+    with serving(tmp_path / "a.log", **settings) as one, \
+            serving(tmp_path / "b.log", **settings) as other:
+        running = RawStream(one, message="q0", conversation_id="c1")
+        waiting: RawStream | None = None
+        try:
+            running.read_until(b"tok1 ")
+            waiting = RawStream(other, message="q1", conversation_id="c2")
+            waiting.read_until(b"event: queued")
+            time.sleep(1)  # still queued: the one slot is the other gateway's
+            assert len(fake.chat_requests()) == 1 and b"tok0" not in waiting.received
+            (worker,) = child_pids(one.process.pid)
+            os.kill(worker, signal.SIGKILL)
+            killed = time.monotonic()
+            # The dead worker's lease is renewed no more: the slot is free within it.
+            waiting.read_until(b"tok0 ", seconds=10)
+            assert time.monotonic() - killed < 2 + 2, "the slot outlived its lease"
+            assert len(fake.chat_requests()) == 2
+        finally:
+            running.close()
+            if waiting is not None:
+                waiting.close()
+
+
+def test_two_workers_share_conversations_through_redis(
+    fake: FakeOllama, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = {"STORE": "redis", "REDIS_URL": redis_server.url, "WORKERS": "2",
+                "REDIS_PREFIX": f"{uuid.uuid4().hex}:", "OLLAMA_URL": fake.url}
+    with serving(tmp_path / "server.log", **settings) as server:
+        assert len(child_pids(server.process.pid)) == 2
+        for i in range(6):  # whichever worker each reaches, the conversation goes on
+            reply = requests.post(server.url + "/chat", timeout=10,
+                                  json={"message": f"q{i}", "conversation_id": "c"})
+            assert reply.json()["history"]["turns"] == i
+        fake.script = Script(tokens=[f"tok{i} " for i in range(30)], token_delay=0.2)
+        stream = RawStream(server, message="q6", conversation_id="c")
+        try:
+            stream.read_until(b"tok0 ")
+            statuses = {requests.post(server.url + "/chat", timeout=10, json={
+                "message": "again", "conversation_id": "c"}).status_code for _ in range(6)}
+            assert statuses == {409}  # on either worker
+        finally:
+            stream.close()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_several_workers_without_redis_are_refused_with_one_line(
+    tmp_path: Path, store: str
+) -> None:
+    result = subprocess.run(
+        gunicorn_command(), cwd=ROOT, capture_output=True, text=True, timeout=STARTUP_SECONDS,
+        env=server_env(BIND="127.0.0.1:0", STORE=store, WORKERS="2",
+                       STATE_DIR=str(tmp_path / "state")))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pi-agent: 2 workers need PI_AGENT_STORE=redis (the {store} store is one "
+        "worker's): set PI_AGENT_WORKERS=1 or use Redis"), result.stderr
+    assert "Traceback" not in result.stderr and "Booting worker" not in result.stderr

@@ -103,7 +103,8 @@ class Done:
     counts of every model call of the turn; ``timings`` are milliseconds: queue_ms,
     first_token_ms, total_ms. ``steps`` counts the model calls made for the answer (0 for
     a fixed reply); ``tool_calls`` are the tool calls run for it; ``history`` the remembered
-    turns that went into the call and those its budget left out."""
+    turns that went into the call and those its budget left out; ``upstream`` the model
+    server that answered."""
 
     chunk: ChatChunk
     conversation_id: str
@@ -111,6 +112,7 @@ class Done:
     steps: int = 1
     tool_calls: tuple[ToolAnswered, ...] = ()
     history: tuple[int, int] = (0, 0)
+    upstream: str = ""  # the upstream that served it (host:port)
 
 
 @dataclass(frozen=True, slots=True)

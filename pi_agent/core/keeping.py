@@ -24,7 +24,9 @@ class Keeping:
     """
 
     def __init__(self, store: Store, memory: Store | None, conversation_id: str, owner: str,
-                 meter: Callable[[int], str | None]) -> None:
+                 meter: Callable[[int], str | None], fresh: bool = False) -> None:
+        """A ``fresh`` conversation (its id made for this request) has no history to lose:
+        while the store is down it is answered without memory instead of refused."""
         self.memory = memory
         self._store = store
         self._conversation_id = conversation_id
@@ -33,7 +35,16 @@ class Keeping:
         # The completion tokens counted and not yet written to the store, by (key, day).
         self._spent: Counter[tuple[str, str]] = Counter()
         # Held in every gateway that shares the store too (Redis); "" where it is this one's.
-        self._claim = memory.claim(conversation_id, owner) if memory is not None else ""
+        self._claim = ""
+        if memory is not None:
+            try:
+                self._claim = memory.claim(conversation_id, owner)
+            except StoreUnavailable:
+                if not fresh:
+                    raise
+                logger.warning("conversation %s is answered without memory: the store is "
+                               "down", conversation_id)
+                self.memory = None
 
     def spend(self, tokens: int) -> None:
         """Count completion tokens against the key's day; written with the answer, or when

@@ -1,5 +1,5 @@
-"""Whether Ollama answers and has the configured model, asked at most once per ``ttl``;
-``GET /ready`` shows it (web/native/health.py)."""
+"""Whether each Ollama answers and has the configured model, and whether the store does,
+asked at most once per ``ttl``; ``GET /ready`` shows it (web/native/health.py)."""
 from __future__ import annotations
 
 import threading
@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from ..errors import ProviderError, ProviderUnavailable
 from ..providers.base import Provider
+from ..providers.pool import full_model_name
 
 
 class ReadinessCheck:
@@ -56,7 +57,34 @@ class ReadinessCheck:
         return ""
 
 
-def full_model_name(model: str) -> str:
-    """A model name as Ollama matches it: without case, and "llama3.2" is "llama3.2:latest"."""
-    name = model.strip().lower()
-    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+class Readiness:
+    """What ``GET /ready`` tells: ready while at least one upstream answers and has the
+    model; degraded while a store apart from the server (Redis) does not answer."""
+
+    def __init__(self, checks: list[tuple[str, ReadinessCheck]],
+                 store_trouble: Callable[[], str], ttl: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.checks = checks  # (upstream name, its check)
+        self._store_trouble = store_trouble
+        self.ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._trouble: tuple[float, str] | None = None
+
+    def check(self) -> tuple[str, list[tuple[str, str]]]:
+        """The reason it is not ready ("" when it is), and each upstream's (name, reason)."""
+        states = [(name, check.check()) for name, check in self.checks]
+        if any(not reason for _, reason in states):
+            return "", states
+        if len(states) == 1:
+            return states[0][1], states
+        return "no upstream is ready: " + "; ".join(
+            f"{name}: {reason}" for name, reason in states), states
+
+    def degraded(self) -> str:
+        """What is wrong with the store ("" when nothing is), asked at most once per ttl."""
+        with self._lock:
+            if self._trouble is None or self._clock() - self._trouble[0] >= self.ttl:
+                trouble = self._store_trouble()
+                self._trouble = (self._clock(), trouble)
+            return self._trouble[1]

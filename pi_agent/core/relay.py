@@ -110,6 +110,12 @@ class RelayedTurn(Protocol):
     @property
     def provider(self) -> Provider: ...
 
+    @property
+    def tries(self) -> int: ...
+
+    @property
+    def upstream(self) -> str: ...
+
     def streamer(self) -> Streamer: ...
 
     def take_route(self, decision: Decision) -> list[Event]: ...
@@ -277,7 +283,7 @@ class EventRelay:
         self._generation.start()
         self._phase = _GENERATING
         self._began = self._last_look = time.monotonic()
-        self._deadline = self._began + self._timeouts.first_token
+        self._deadline = self._began + self._first_token_wait()
 
     def _generating(self) -> bytes | None:
         """Wait for the next chunk, at most until a heartbeat is due."""
@@ -348,7 +354,7 @@ class EventRelay:
         return self._encode(Done(chunk, turn.conversation_id, {
             "queue_ms": self._queue_ms, "first_token_ms": self._first_token_ms,
             "total_ms": _ms(time.monotonic() - self._started)}, turn.steps, turn.tool_calls,
-            turn.history))
+            turn.history, turn.upstream))
 
     def _stepped(self, item: ChatChunk | Event, now: float) -> bytes | None:
         """A tool loop's chunk, or one of its events: a tool runs within its own timeout
@@ -360,7 +366,7 @@ class EventRelay:
             self._deadline = now + self._timeouts.idle
             return b""
         if type(item) is Stepped:
-            self._deadline = now + self._timeouts.first_token
+            self._deadline = now + self._first_token_wait()
             return b""
         if type(item) is ToolCalled:
             self._deadline = self._end
@@ -376,6 +382,11 @@ class EventRelay:
         routing = self._turn.routing
         assert routing is not None
         return self._routed(routing.read("".join(self._classification)))
+
+    def _first_token_wait(self) -> float:
+        """A call's wait for its first token: the first-token timeout for each upstream it
+        may try (each try is cut at that timeout by its socket, then moves on)."""
+        return self._timeouts.first_token * self._turn.tries
 
     def _fail(self, exc: PiAgentError) -> bytes:
         self.failure = exc

@@ -37,12 +37,14 @@ from ..errors import (
 )
 from ..memory import Store
 from ..memory import Turn as Remembered
-from ..providers.base import Abort, ChatCall, ChatChunk, ChatStream, Forwarded, Provider
+from ..providers.base import Abort, ChatCall, ChatChunk, ChatStream, Forwarded
+from ..providers.pool import UpstreamPool
 from ..security.keys import ApiKey
 from ..security.limits import Limits
 from .admission import Admission
 from .agents import Agent
 from .context import turn_tokens
+from .failover import Failover
 from .keeping import Keeping
 from .events import Encoder, Event, ToolAnswered
 from .generation import Gathered, Reply, Streamer
@@ -67,7 +69,7 @@ T = TypeVar("T")
 class Turns:
     """What every turn shares, built once by create_app."""
 
-    def __init__(self, settings: Settings, provider: Provider, admission: Admission,
+    def __init__(self, settings: Settings, pool: UpstreamPool, admission: Admission,
                  running: RunningTurns, watchdog: Watchdog, shutdown: Shutdown,
                  store: Store, limits: Limits,
                  agents: Mapping[str, Agent], library: Library) -> None:
@@ -75,7 +77,7 @@ class Turns:
         self.agents = agents  # where a router's routes lead
         self.library = library
         self.timeouts = Timeouts.from_settings(settings)
-        self.provider = provider
+        self.pool = pool
         self.admission = admission
         self.running = running
         self.watchdog = watchdog
@@ -87,13 +89,16 @@ class Turns:
     def open(self, conversation_id: str, key: ApiKey, client: Client,
              prompt: Prompt | None = None, remember: str | None = None,
              agent: str = "", sources: tuple[Source, ...] | None = None,
-             router: Agent | None = None) -> Turn:
+             router: Agent | None = None, fresh: bool = False, model: str = "") -> Turn:
         """Take a place for one turn: a slot, or a place in the queue.
 
         ``remember`` is the user's message that the answer is remembered with, in the
         conversation's memory; None for a turn that neither reads nor keeps any.
         ``sources`` are the passages found for an agent with knowledge (None: it has none).
-        A ``router`` turn has no prompt yet: it gets one from the route it takes.
+        A ``router`` turn has no prompt yet: it gets one from the route it takes. A
+        ``fresh`` conversation (its id made for this request) is answered without memory
+        while the store is down. ``model`` names the model of a turn without a prompt (a
+        relayed one), for the upstream it goes to.
 
         :raise ConversationBusy: 409 if the conversation has a turn queued or running,
             here or in another gateway that shares the store.
@@ -102,7 +107,7 @@ class Turns:
         """
         routing = Routing(router, remember or "", self.settings) if router else None
         return Turn(self, conversation_id, key, client, prompt, remember, agent, sources,
-                    routing)
+                    routing, fresh, model)
 
 
 class Turn:
@@ -111,7 +116,8 @@ class Turn:
     def __init__(self, turns: Turns, conversation_id: str, key: ApiKey, client: Client,
                  prompt: Prompt | None, remember: str | None, agent: str,
                  sources: tuple[Source, ...] | None = None,
-                 routing: Routing | None = None) -> None:
+                 routing: Routing | None = None, fresh: bool = False,
+                 model: str = "") -> None:
         self._turns = turns
         self.conversation_id = conversation_id
         self.agent = agent
@@ -121,13 +127,18 @@ class Turn:
         self._fixed: FixedReply | None = None
         self.client = client
         self._prompt = prompt
+        self._model = model
         self._remember = remember or ""
         self._loop: ToolLoop | None = None  # an agent with tools: the gateway runs them
-        self.ticket = turns.admission.enter(conversation_id)
+        self.ticket = turns.admission.enter(
+            conversation_id, lambda free: turns.pool.rank(self.model, conversation_id, free))
+        # The calls to the model, to the upstream whose slot the ticket holds.
+        self._calls = Failover(turns.pool, turns.admission, self.ticket, conversation_id,
+                               lambda: self.model)
         try:
             self._keeping = Keeping(turns.store,
                                     turns.memory if remember is not None else None,
-                                    conversation_id, key.id, turns.limits.meter(key))
+                                    conversation_id, key.id, turns.limits.meter(key), fresh)
         except BaseException:
             turns.admission.leave(self.ticket)
             raise
@@ -147,11 +158,20 @@ class Turn:
     def model(self) -> str:
         if self._prompt is not None:
             return self._prompt.call.model
-        return self.routing.model if self.routing is not None else ""
+        return self.routing.model if self.routing is not None else self._model
 
     @property
-    def provider(self) -> Provider:
-        return self._turns.provider
+    def provider(self) -> Failover:
+        return self._calls
+
+    @property
+    def upstream(self) -> str:
+        """The upstream (host:port) whose slot the turn holds: the one that served it."""
+        return self.ticket.upstream
+
+    @property
+    def tries(self) -> int:
+        return self._calls.tries
 
     def streamer(self) -> Streamer:
         """What streams the reply: the model, a route's fixed reply, or the tool loop of an
@@ -160,8 +180,8 @@ class Turn:
             return self._fixed
         toolbox = self._prompt.toolbox if self._prompt is not None else None
         if toolbox is None:
-            return self._turns.provider
-        self._loop = ToolLoop(self._turns.provider, toolbox, self._keeping.spend)
+            return self._calls
+        self._loop = ToolLoop(self._calls, toolbox, self._keeping.spend)
         return self._loop
 
     def count_tokens(self, tokens: int) -> None:
@@ -196,7 +216,7 @@ class Turn:
     def _route_direct(self, watch: TurnWatch) -> None:
         """Route a turn that writes nothing while it waits; its classifier call is gathered."""
         assert self.routing is not None
-        provider = self._turns.provider
+        provider = self._calls
         self.take_route(self.routing.decide(
             lambda call: self._gather(provider, call, watch).content, self.abort))
 
@@ -283,7 +303,7 @@ class Turn:
     def forward(self, method: str, path: str, data: bytes,
                 wait: Literal["stream", "whole"]) -> Forwarded:
         """Send a request to the model server as it is, once ``begin`` has a slot."""
-        provider = self._turns.provider
+        provider = self._calls
         upstream = self.run(lambda abort: provider.forward(method, path, data, wait=wait,
                                                            abort=abort))
         self._upstream = upstream

@@ -6,9 +6,12 @@ from collections.abc import Callable
 from ..config import Settings
 from .base import ChatCall, ChatChunk, ChatStream, Provider
 from .ollama import OllamaProvider
+from .pool import UpstreamPool
 
-PROVIDERS: dict[str, Callable[[Settings], Provider]] = {
-    "ollama": OllamaProvider.from_settings,
+# Each is a pool of one or more servers of its kind (see pool.py).
+PROVIDERS: dict[str, Callable[[Settings], UpstreamPool]] = {
+    "ollama": UpstreamPool.from_settings,
 }
 
-__all__ = ["PROVIDERS", "ChatCall", "ChatChunk", "ChatStream", "OllamaProvider", "Provider"]
+__all__ = ["PROVIDERS", "ChatCall", "ChatChunk", "ChatStream", "OllamaProvider", "Provider",
+           "UpstreamPool"]

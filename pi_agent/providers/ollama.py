@@ -20,7 +20,7 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
 
-from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_FIRST_TOKEN_TIMEOUT, Settings
+from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_FIRST_TOKEN_TIMEOUT
 from ..errors import (
     ModelNotFound,
     ProviderError,
@@ -128,14 +128,6 @@ class OllamaProvider:
         ))
         self._adapter = session.get_adapter(self.base_url)
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> OllamaProvider:
-        # The socket timeout covers the wait for the first token (Ollama sends nothing
-        # before it) and each wait between tokens; event streams also keep their own
-        # first-token, idle and total deadlines.
-        return cls(settings.ollama_url, settings.connect_timeout, settings.first_token_timeout,
-                   whole_reply_timeout=max(settings.first_token_timeout, settings.total_timeout))
-
     def stream_chat(self, call: ChatCall, abort: Abort | None = None) -> OllamaStream:
         """Start a streamed reply; returns once Ollama has sent its headers and first token.
 
@@ -156,9 +148,21 @@ class OllamaProvider:
 
         :raise ProviderError: a subclass for each way the call can fail.
         """
+        return [ModelInfo(m["name"], unix_seconds(m.get("modified_at")))
+                for m in self._listing("/api/tags")]
+
+    def list_running(self) -> list[str]:
+        """Return the names of the models Ollama has loaded (``/api/ps``).
+
+        :raise ProviderError: a subclass for each way the call can fail.
+        """
+        return [m["name"] for m in self._listing("/api/ps")]
+
+    def _listing(self, path: str) -> list[dict[str, Any]]:
+        """The ``models`` of a listing, those with a name."""
         try:
             response = self.session.get(
-                self.base_url + "/api/tags", timeout=(self.timeout[0], QUICK_READ_TIMEOUT)
+                self.base_url + path, timeout=(self.timeout[0], QUICK_READ_TIMEOUT)
             )
             with response:
                 if response.status_code != 200:
@@ -171,10 +175,7 @@ class OllamaProvider:
         models = data.get("models") if isinstance(data, dict) else None
         if not isinstance(models, list):
             raise UpstreamProtocolError()
-        return [
-            ModelInfo(m["name"], unix_seconds(m.get("modified_at")))
-            for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)
-        ]
+        return [m for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]
 
     def forward(
         self, method: str, path: str, body: bytes | None = None, *,

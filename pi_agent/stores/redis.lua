@@ -198,6 +198,38 @@ elseif mode == 'admit' then
     left = tostring(tokens)
   end
   return {'ok', left, tostring(used)}
+elseif mode == 'slot_take' then
+  -- One of an upstream's generation slots, as a lease in a sorted set by its end on Redis's
+  -- clock; leases that ran out (their gateway died) go first. Each is named by a counter
+  -- that only grows (the fence): a lease that ran out is never renewed or ended by mistake
+  -- for a later one.
+  local slots, limit, ms = P .. 'slots:' .. ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13])
+  local t = redis.call('TIME')
+  local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', clock)
+  if redis.call('ZCARD', slots) >= limit then return '' end
+  local lease = redis.call('INCR', P .. 'fence') .. ' ' .. ARGV[14]
+  redis.call('ZADD', slots, clock + ms, lease)
+  return lease
+elseif mode == 'slot_renew' then
+  -- The leases still held are renewed; those that ran out are named.
+  local t = redis.call('TIME')
+  local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local lost = {}
+  for i = 12, #ARGV, 2 do
+    local slots = P .. 'slots:' .. ARGV[i]
+    local ends = tonumber(redis.call('ZSCORE', slots, ARGV[i + 1]))
+    if ends and ends > clock then
+      redis.call('ZADD', slots, 'XX', clock + tonumber(ARGV[11]), ARGV[i + 1])
+    else
+      redis.call('ZREM', slots, ARGV[i + 1])
+      table.insert(lost, ARGV[i + 1])
+    end
+  end
+  return lost
+elseif mode == 'slot_give' then
+  redis.call('ZREM', P .. 'slots:' .. ARGV[11], ARGV[12])
+  return 1
 elseif mode == 'sweep' then
   expire()
   cap()

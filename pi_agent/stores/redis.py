@@ -19,7 +19,10 @@ Keys, each under the prefix (``PI_AGENT_REDIS_PREFIX``):
 - ``bucket:<key id>``: a key's bucket of requests per minute, refilled on Redis's clock;
 - ``busy:<id>``: the claim of the turn that holds the conversation, in whichever gateway:
   a lease of ``claim_seconds``, renewed while the turn runs, so that the conversation of a
-  gateway that died is free again within it.
+  gateway that died is free again within it;
+- ``slots:<upstream>``: the generation slots of an upstream (host:port) taken in every
+  gateway, a sorted set of leases by their end (``claim_seconds`` too, renewed while the
+  turn runs); ``fence``, the counter that names each lease.
 
 The client library is imported when this store is used only (it costs a few MiB). Every
 command has a short timeout: when Redis is down or frozen, what needs the store answers 503
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 from importlib import resources
 import time
@@ -87,6 +91,8 @@ class RedisStore(Bounded):
         self.sweep_seconds = sweep_seconds
         self.claim_seconds = claim_seconds
         self._claims: dict[str, str] = {}  # the conversations this process's turns hold
+        self._leases: dict[str, str] = {}  # the slots they hold: lease -> upstream
+        self._holder = f"{socket.gethostname()}:{os.getpid()}"  # in a lease, for a person
         self._on_cancel = on_cancel
         self._prefix = prefix
         self._clock = clock
@@ -204,6 +210,24 @@ class RedisStore(Bounded):
         except StoreUnavailable:
             pass
 
+    def take_slot(self, upstream: str, limit: int) -> str:
+        """A lease on one of ``upstream``'s ``limit`` generation slots, shared by every
+        gateway; "" when they hold all of them. Renewed until ``give_slot``.
+
+        :raise StoreUnavailable: Redis cannot be asked.
+        """
+        if self._holder.rsplit(":", 1)[1] != str(os.getpid()):
+            self._holder = f"{socket.gethostname()}:{os.getpid()}"  # after a fork
+        lease = str(self._run("slot_take", upstream, limit,
+                              round(self.claim_seconds * 1000), self._holder))
+        if lease:
+            self._leases[lease] = upstream
+        return lease
+
+    def give_slot(self, upstream: str, lease: str) -> None:
+        self._leases.pop(lease, None)
+        self._run("slot_give", upstream, lease)
+
     def spend(self, spent: Spent) -> None:
         if spent:
             self._run("spend", *_flat(spent))
@@ -225,6 +249,14 @@ class RedisStore(Bounded):
     def sweep(self) -> None:
         """Apply the bounds to what Redis holds, as ``SqliteStore.sweep`` does."""
         self._run("sweep")
+
+    def trouble(self) -> str:
+        try:
+            self._redis.ping()
+        except redis.RedisError:
+            return (f"redis at {self.url} does not answer: conversations answer 503 until it "
+                    "is back; limits and generation slots are counted per gateway meanwhile")
+        return ""
 
     def close(self) -> None:
         self._closed.set()
@@ -277,6 +309,7 @@ class RedisStore(Bounded):
                     pairs = [part for pair in held.items() for part in pair]
                     for cid in self._run("renew", round(self.claim_seconds * 1000), *pairs):
                         self._cancel_mine(cid, held[cid])
+                self._renew_leases()
                 if self.sweep_seconds > 0 and time.monotonic() - swept >= self.sweep_seconds:
                     swept = time.monotonic()
                     self.sweep()
@@ -284,6 +317,17 @@ class RedisStore(Bounded):
                 pass  # logged; the next round tries again
             except Exception:  # the loop must outlive a bug: claims would run out
                 logger.exception("renewing the claims failed")
+
+    def _renew_leases(self) -> None:
+        leases = dict(self._leases)
+        if not leases:
+            return
+        pairs = [part for lease, upstream in leases.items() for part in (upstream, lease)]
+        for lease in self._run("slot_renew", round(self.claim_seconds * 1000), *pairs):
+            if self._leases.pop(lease, None) is not None:
+                # Redis was away longer than the lease: another gateway may use the slot.
+                logger.warning("a generation slot of %s ran out while its turn ran",
+                               leases[lease])
 
     def _hear_cancels(self) -> None:
         """Stop this process's turns that another gateway cancels, as the cancels come; a

@@ -28,7 +28,7 @@ class Answer:
     body: bytes
 
 
-def fetch_embeddings(turns: Turns, path: str, data: bytes, key: ApiKey,
+def fetch_embeddings(turns: Turns, path: str, data: bytes, model: str, key: ApiKey,
                      client: Client) -> Answer:
     """POST ``data`` to the model server's ``path`` (``/api/embed`` or ``/api/embeddings``)
     once a generation slot is free; return the answer, error statuses included.
@@ -36,7 +36,7 @@ def fetch_embeddings(turns: Turns, path: str, data: bytes, key: ApiKey,
     :raise QueueFull: 429 if every slot is taken and the queue is full.
     :raise ProviderError: the call failed, or was stopped (a subclass that says why).
     """
-    turn = turns.open("embed-" + uuid.uuid4().hex, key, client)
+    turn = turns.open("embed-" + uuid.uuid4().hex, key, client, model=model)
     try:
         watch = turn.begin()
         upstream = turn.forward("POST", path, data, wait="whole")

@@ -92,7 +92,7 @@ def _answer(events_only: bool) -> Response:
     agent = find_agent(body.agent)
     allow_agent(agent.name)
     allow_model(agent.resolve_model(settings))
-    turn = _open(agent, body.message, conversation_id)
+    turn = _open(agent, body.message, conversation_id, fresh=body.conversation_id is None)
     encoder = _event_format(events_only or body.stream, default_sse=events_only)
     if encoder is not None:
         return stream_response(turn.stream(encoder), turn.release, encoder.content_type)
@@ -120,21 +120,23 @@ def _answer(events_only: bool) -> Response:
         tool_calls=[ToolCallInfo(**tool_call_info(call)) for call in turn.tool_calls],
         steps=turn.steps,
         history=HistoryInfo(turns=turn.history[0], dropped=turn.history[1]),
+        upstream=turn.upstream,
     )
     return jsonify(reply.model_dump())
 
 
-def _open(agent: Agent, message: str, conversation_id: str) -> Turn:
+def _open(agent: Agent, message: str, conversation_id: str, fresh: bool) -> Turn:
     """The turn of ``agent``: a chat agent's prompt (with the sources of its knowledge),
-    or a router's, whose prompt comes from the route it takes once it has a slot."""
+    or a router's, whose prompt comes from the route it takes once it has a slot. A
+    ``fresh`` conversation (no id given) is answered while the store is down."""
     state = current_state()
     key, client = current_key(), client_of(request.environ)
     if agent.kind == "router":
         return state.turns.open(conversation_id, key, client, remember=message,
-                                agent=agent.name, router=agent)
+                                agent=agent.name, router=agent, fresh=fresh)
     prompt, sources = prompt_for(agent, state.settings, message, state.knowledge)
     return state.turns.open(conversation_id, key, client, prompt, remember=message,
-                            agent=agent.name, sources=sources)
+                            agent=agent.name, sources=sources, fresh=fresh)
 
 
 def _text(turn: Turn, encoder: Encoder) -> Response:

@@ -67,7 +67,8 @@ class EventFormat(Encoder):
             "conversation_id": event.conversation_id, "done_reason": chunk.done_reason,
             "usage": usage, "timings": event.timings, "steps": event.steps,
             "tool_calls": [tool_call_info(call) for call in event.tool_calls],
-            "history": {"turns": event.history[0], "dropped": event.history[1]}})
+            "history": {"turns": event.history[0], "dropped": event.history[1]},
+            "upstream": event.upstream})
 
     def error(self, event: Failed) -> bytes:
         return self.event("error", {"code": event.error.error_code,

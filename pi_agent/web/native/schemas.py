@@ -111,6 +111,7 @@ class ChatReply(BaseModel):
     tool_calls: list[ToolCallInfo]  # run by the gateway for the answer, in order
     steps: int  # the model calls made for the answer (0 for a router's fixed reply)
     history: HistoryInfo
+    upstream: str  # the model server whose slot the turn held (host:port)
 
 
 class Cancelled(BaseModel):
@@ -150,10 +151,17 @@ class Health(BaseModel):
     version: str
 
 
+class UpstreamState(BaseModel):
+    upstream: str  # host:port
+    status: str  # ready, not_ready
+    reason: str | None = None
+
+
 class Readiness(BaseModel):
-    status: str
+    status: str  # ready, degraded (the shared store does not answer), not_ready
     model: str
     reason: str | None = None
+    upstreams: list[UpstreamState] | None = None  # with several upstreams
 
 
 class AgentList(BaseModel):

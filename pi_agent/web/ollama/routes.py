@@ -154,7 +154,7 @@ def generate() -> Response:
     data = _encode(payload)
 
     turn = state.turns.open("ollama-" + uuid.uuid4().hex, current_key(),
-                            client_of(request.environ))
+                            client_of(request.environ), model=body.model)
     try:
         watch = turn.begin()
         upstream = turn.forward("POST", request.path, data, wait="stream")
@@ -189,8 +189,8 @@ def embed() -> Response:
     # clients that differ) would otherwise be reloaded at each switch.
     payload = _upstream_body(body, settings)
     del payload["options"]["num_predict"]  # an embedding generates nothing
-    answer = fetch_embeddings(state.turns, request.path, _encode(payload), current_key(),
-                              client_of(request.environ))
+    answer = fetch_embeddings(state.turns, request.path, _encode(payload), body.model,
+                              current_key(), client_of(request.environ))
     return Response(answer.body, status=answer.status, content_type=answer.content_type)
 
 

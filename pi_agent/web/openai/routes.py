@@ -18,7 +18,7 @@ from flask import Blueprint, Response, g, request
 
 from ...config import Settings
 from ...core.conversation import CONVERSATION_ID
-from ...core.readiness import full_model_name
+from ...providers.pool import full_model_name
 from ...core.turn import Turn
 from ...errors import (
     ClientGone,
@@ -105,8 +105,8 @@ def embeddings() -> Response:
     state = current_state()
     try:
         answer = fetch_embeddings(state.turns, "/api/embed",
-                                  ollama_request(body, state.settings), current_key(),
-                                  client_of(request.environ))
+                                  ollama_request(body, state.settings), body.model,
+                                  current_key(), client_of(request.environ))
         result = embedding_list(body, answer.status, answer.body)
     except ProviderError as exc:
         raise _for_client(exc, body.model) from None
