@@ -112,8 +112,10 @@ def _urls(value: Any) -> str:
     urls = [_url(str(item).strip()) for item in items if str(item).strip()]
     if not urls:
         raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:11434")
-    if len(set(urls)) != len(urls):
-        raise ValueError("names one URL twice")
+    # An upstream is known by its host and port (in answers, logs and Redis's slot counts).
+    hosts = [re.sub(r"^https?://([^/]+).*$", r"\1", url).lower() for url in urls]
+    if len(set(hosts)) != len(hosts):
+        raise ValueError("names one host:port twice")
     return ",".join(urls)
 
 

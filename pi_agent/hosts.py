@@ -70,12 +70,13 @@ def connections_allowed(descriptor_limit: int, wanted: int) -> int:
 def host_warnings(environ: dict[str, Any], settings: Settings) -> list[str]:
     """Return what is wrong with the host that sent ``environ``, one sentence each."""
     warnings = []
-    if environ.get("wsgi.multiprocess") and settings.enable_memory:
+    if environ.get("wsgi.multiprocess") and settings.enable_memory and settings.store != "redis":
         warnings.append(
             "this WSGI server runs the app in several processes (wsgi.multiprocess), and "
             "each keeps its own conversation memory: the turns of one conversation are split "
             "between them, and generation slots and cancels count per process too. Run one "
-            "process, or set PI_AGENT_ENABLE_MEMORY=false (see docs/deployment.md)")
+            "process, set PI_AGENT_STORE=redis, which they share, or set "
+            "PI_AGENT_ENABLE_MEMORY=false (see docs/deployment.md)")
     warnings += _waitress_warnings(environ, settings)
     return warnings
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -25,7 +26,7 @@ from pi_agent.errors import ConversationBusy, QueueFull, RateLimited, StoreUnava
 from pi_agent.memory import Turn
 from pi_agent.security.keys import ApiKey
 from pi_agent.security.limits import Limits
-from pi_agent.stores.redis import RedisStore
+from pi_agent.stores.redis import BREAKER_SECONDS, RedisStore
 
 from .fake_ollama import FakeOllama, Script
 from .conftest import unused_port
@@ -118,11 +119,14 @@ def test_redis_frozen_or_gone_is_503_where_a_conversation_is_needed(
             _check_degraded(server, own_redis.url)
         finally:
             own_redis.thaw()
-        # Back: the conversation is where it was.
+        # Back within the breaker's second: the conversation is where it was.
+        deadline = time.monotonic() + 1 + 3
+        while requests.get(server.url + "/ready", timeout=10).json()["status"] != "ready":
+            assert time.monotonic() < deadline, "the store did not come back"
+            time.sleep(0.1)
         again = requests.post(server.url + "/chat", timeout=10,
                               json={"message": "q1", "conversation_id": "c"})
         assert again.status_code == 200 and again.json()["history"]["turns"] == 1
-        assert requests.get(server.url + "/ready", timeout=10).json()["status"] == "ready"
         own_redis.stop()
         _check_degraded(server, own_redis.url)
     assert "Traceback" not in server.log.read_text()
@@ -243,6 +247,7 @@ def test_a_write_that_timed_out_is_not_run_twice(redis_server: RedisServer) -> N
         with pytest.raises(StoreUnavailable):
             store.append("c", Turn("q", "a"), spent={("key_a", "2026-12-05"): 5})
         stall.join()
+        time.sleep(BREAKER_SECONDS)  # the store asks Redis again after its breaker's second
         # Redis may have read the write before its client gave up, or not: once at most.
         assert [t.user for t in store.history("c")] in ([], ["q"])
         assert store.tokens_used("key_a", "2026-12-05") in (0, 5)
@@ -382,7 +387,7 @@ def test_slots_are_leases_that_every_gateway_counts_and_that_run_out(
         other.close()
 
 
-def test_two_admissions_share_one_upstreams_slots_and_count_alone_without_redis(
+def test_two_admissions_share_slots_and_queue_places_and_count_alone_without_redis(
     redis_server: RedisServer
 ) -> None:
     prefix = f"{uuid.uuid4().hex}:"
@@ -390,18 +395,26 @@ def test_two_admissions_share_one_upstreams_slots_and_count_alone_without_redis(
     gone = RedisStore(f"redis://127.0.0.1:{unused_port()}/0", max_turns=10, ttl_seconds=600,
                       max_conversations=100, sweep_seconds=0)
     try:
-        here = Admission(1, 4, upstreams=["pi:11434"], shared=one)
-        there = Admission(1, 4, upstreams=["pi:11434"], shared=other)
+        here = Admission(1, 1, upstreams=["pi:11434"], shared=one)
+        there = Admission(1, 1, upstreams=["pi:11434"], shared=other)
         running = here.enter("c1")
         assert running.admitted and running.lease
         waiting = there.enter("c2")
-        assert not waiting.admitted and there.position(waiting) == 1
+        assert not waiting.admitted and there.position(waiting) == 1 and waiting.place
+        # The queue's one place is taken on the other gateway: this one's is full too.
+        with pytest.raises(QueueFull):
+            here.enter("c3")
         assert not there.wait(waiting, 0.5)
         here.leave(running)
         # Nothing here tells the other gateway: its waiting ticket looks again by itself.
         assert there.wait(waiting, 3) and waiting.upstream == "pi:11434"
+        assert waiting.place == ""  # its place in the queue is given back
+        queued = here.enter("c3")
+        assert not queued.admitted and queued.place
+        here.leave(queued)  # leaving the queue gives the place back
         there.leave(waiting)
-        alone = Admission(1, 4, upstreams=["pi:11434"], shared=gone)
+        assert here.enter("c4").admitted
+        alone = Admission(1, 4, upstreams=["pi:11434"], shared=gone)  # its own bound
         started = time.monotonic()
         ticket = alone.enter("c3")
         assert ticket.admitted and ticket.lease == "" and alone.on_my_own
@@ -412,6 +425,39 @@ def test_two_admissions_share_one_upstreams_slots_and_count_alone_without_redis(
     finally:
         for store in (one, other, gone):
             store.close()
+
+
+def test_a_freed_slot_goes_to_the_turn_that_waited_longest_in_any_gateway(
+    redis_server: RedisServer
+) -> None:
+    prefix = f"{uuid.uuid4().hex}:"
+    one, other = _store(redis_server, prefix), _store(redis_server, prefix)
+    try:
+        here = Admission(1, 4, upstreams=["pi:11434"], shared=one)
+        there = Admission(1, 4, upstreams=["pi:11434"], shared=other)
+        running = here.enter("c1")
+        first = there.enter("c2")  # waits on the other gateway, first
+        second = here.enter("c3")  # waits here, after it
+        here.leave(running)
+        # The gateway that freed the slot does not hand it to its own waiting turn.
+        assert not second.admitted and here.position(second) == 1
+        assert there.wait(first, 3)
+        assert not here.wait(second, 0.5)
+        there.leave(first)
+        assert here.wait(second, 3)
+        here.leave(second)
+        # Another gateway's Ollama at 127.0.0.1 is not this one's: a loopback upstream's
+        # slots are counted under this host's name.
+        lease = one.take_slot("127.0.0.1:11434", 1)
+        raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            assert raw.zrange(f"{prefix}slots:{socket.gethostname()}/127.0.0.1:11434",
+                              0, -1) == [lease]
+        finally:
+            raw.close()
+    finally:
+        one.close()
+        other.close()
 
 
 def test_an_upstreams_slot_limit_holds_across_gateways_and_a_killed_worker_frees_it(

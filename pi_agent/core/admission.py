@@ -8,9 +8,10 @@ two would interleave its history.
 
 With several upstreams a ticket's ``rank`` says which of those with a free slot may take it,
 best first (providers/pool.py); a ticket that none of the free ones may take lets those
-behind it pass. With a store that several gateways share (Redis), a slot is also a lease
-there (``SharedSlots``), so that one upstream's limit holds for all of them; while the store
-is down, each gateway counts its own slots (said once, and by ``on_my_own``).
+behind it pass. With a store that several gateways share (Redis), a slot and a place in the
+queue are also leases there (``SharedSlots``), so that one upstream's limit and the queue's
+bound hold for all of them; while the store is down, each gateway counts its own (said
+once, and by ``on_my_own``).
 """
 from __future__ import annotations
 
@@ -43,14 +44,26 @@ class SharedSlots(Protocol):
     """Generation slots kept for several gateways (a Redis store): leases that the store
     renews while they are held, so that those of a gateway that died run out."""
 
-    def take_slot(self, upstream: str, limit: int) -> str:
-        """A lease on one of ``upstream``'s ``limit`` slots; "" when all are taken.
+    def take_slot(self, upstream: str, limit: int, place: str = "") -> str:
+        """A lease on one of ``upstream``'s ``limit`` slots; "" when all are taken, or the
+        free ones are for turns that came before this one (``place``: the lease of its
+        place in the queue; "" when it has none, "first" for a turn that moves on).
 
         :raise StoreUnavailable: the store cannot be asked.
         """
 
     def give_slot(self, upstream: str, lease: str) -> None:
         """End a lease; one that ran out already is left alone."""
+
+    def join_queue(self, limit: int, upstreams: Sequence[str]) -> str:
+        """A lease on one of the queue's ``limit`` places, for a turn that may go to
+        ``upstreams``; "" when all are taken.
+
+        :raise StoreUnavailable: the store cannot be asked.
+        """
+
+    def leave_queue(self, place: str) -> None:
+        """End a place's lease; one that ran out already is left alone."""
 
 
 def _any_free(free: Mapping[str, int]) -> list[str]:
@@ -61,13 +74,14 @@ class Ticket:
     """A request's place: waiting in the queue, then holding a slot, until it leaves."""
 
     __slots__ = ("conversation_id", "admitted", "left", "admitted_at", "entered_at", "rank",
-                 "upstream", "lease")
+                 "upstream", "lease", "place")
 
     def __init__(self, conversation_id: str, now: float, rank: Rank) -> None:
         self.conversation_id = conversation_id
         self.rank = rank
         self.upstream = ""  # the upstream whose slot it holds, once admitted
-        self.lease = ""  # its lease in the shared store, if any
+        self.lease = ""  # its slot's lease in the shared store, if any
+        self.place = ""  # its place's lease there while it waits, if any
         self.admitted = False
         self.left = False
         self.entered_at = now
@@ -112,7 +126,7 @@ class Admission:
                 self._admit_waiting()  # those before it first, then what they leave
             if self._try_admit(ticket):
                 pass
-            elif len(self._waiting) < self.max_queue:
+            elif len(self._waiting) < self.max_queue and self._join_queue(ticket):
                 self._waiting.append(ticket)
             else:
                 raise QueueFull(self._retry_after())
@@ -149,11 +163,13 @@ class Admission:
         """Move a ticket that holds a slot to the best other upstream with a free slot,
         none of ``tried``; return False, leaving it where it is, when there is none."""
         with self._changed:
-            free = {name: slots for name, slots in self._free.items() if name not in tried}
+            if ticket.left or not ticket.admitted:
+                return False
+            free = {name: n for name, n in self._free.items() if n > 0 and name not in tried}
             for name in ticket.rank(free):
-                if name in tried:
+                if name in tried or self._free.get(name, 0) <= 0:
                     continue
-                lease = self._lease(name)
+                lease = self._lease(name, "first")  # it came before those waiting now
                 if lease is None:
                     continue
                 self._give_back(ticket)
@@ -178,6 +194,7 @@ class Admission:
                 self._admit_waiting()
             else:
                 self._waiting.remove(ticket)
+                self._leave_queue(ticket)
             self._changed.notify_all()
 
     @property
@@ -190,14 +207,18 @@ class Admission:
         with self._changed:
             return len(self._waiting)
 
-    def _try_admit(self, ticket: Ticket) -> bool:
-        """Give the ticket a slot of the best upstream it may use that has one."""
+    def _try_admit(self, ticket: Ticket, refused: set[str] | None = None) -> bool:
+        """Give the ticket a slot of the best upstream it may use that has one; ``refused``
+        gathers the upstreams whose slots the shared store keeps for others, in one pass
+        over the waiting tickets (they would refuse the later tickets too)."""
+        refused = set() if refused is None else refused
         for name in ticket.rank({name: n for name, n in self._free.items() if n > 0}):
-            if self._free.get(name, 0) <= 0:
+            if self._free.get(name, 0) <= 0 or name in refused:
                 continue
-            lease = self._lease(name)
+            lease = self._lease(name, ticket.place)
             if lease is None:
-                continue  # the upstream's slots are taken in other gateways
+                refused.add(name)  # taken, or kept for turns before it, in other gateways
+                continue
             self._free[name] -= 1
             ticket.upstream, ticket.lease = name, lease
             ticket.admitted = True
@@ -208,11 +229,13 @@ class Admission:
     def _admit_waiting(self) -> None:
         """Admit the waiting tickets that a free slot can take, in their order."""
         admitted = False
+        refused: set[str] = set()
         for ticket in list(self._waiting):
             if not any(slots > 0 for slots in self._free.values()):
                 break
-            if self._try_admit(ticket):
+            if self._try_admit(ticket, refused):
                 self._waiting.remove(ticket)
+                self._leave_queue(ticket)
                 admitted = True
         if admitted:
             self._changed.notify_all()
@@ -225,23 +248,48 @@ class Admission:
             self._looked = now
             self._admit_waiting()
 
-    def _lease(self, upstream: str) -> str | None:
+    def _lease(self, upstream: str, place: str) -> str | None:
         """The shared store's lease on a slot of ``upstream`` ("" without one, or while it is
-        down), or None when the other gateways hold all of them."""
+        down), or None when the other gateways hold all of them or keep the free ones for
+        turns that came before (``place``: see ``SharedSlots.take_slot``)."""
+        return self._ask_shared(
+            lambda shared: shared.take_slot(upstream, self.max_concurrent, place))
+
+    def _join_queue(self, ticket: Ticket) -> bool:
+        """Take one of the queue's places in the shared store too; False when the other
+        gateways hold all of them."""
+        wants = ticket.rank({name: 1 for name in self._free})  # the upstreams it may use
+        place = self._ask_shared(lambda shared: shared.join_queue(self.max_queue, wants))
+        if place is None:
+            return False
+        ticket.place = place
+        return True
+
+    def _leave_queue(self, ticket: Ticket) -> None:
+        if ticket.place and self._shared is not None:
+            try:
+                self._shared.leave_queue(ticket.place)
+            except StoreUnavailable:
+                pass  # the lease runs out by itself
+        ticket.place = ""
+
+    def _ask_shared(self, take: Callable[[SharedSlots], str]) -> str | None:
+        """A lease from the shared store ("" without one, or while it is down), or None
+        when the other gateways hold every one there is."""
         if self._shared is None or (self.on_my_own and self._clock() < self._ask_again_at):
             return ""
         try:
-            lease = self._shared.take_slot(upstream, self.max_concurrent)
+            lease = take(self._shared)
         except StoreUnavailable:
             self._ask_again_at = self._clock() + SHARED_RETRY_SECONDS
             if not self.on_my_own:
                 self.on_my_own = True
-                logger.warning("the shared generation slots cannot be read: each gateway "
-                               "counts its own until they can")
+                logger.warning("the shared generation slots and queue cannot be read: each "
+                               "gateway counts its own until they can")
             return ""
         if self.on_my_own:
             self.on_my_own = False
-            logger.warning("the shared generation slots are back")
+            logger.warning("the shared generation slots and queue are back")
         return lease or None
 
     def _give_back(self, ticket: Ticket) -> None:

@@ -32,8 +32,11 @@ T = TypeVar("T")
 
 def moves_on(exc: ProviderError) -> bool:
     """Whether a call that failed so, before its first chunk, is tried elsewhere."""
+    if isinstance(exc, _Refused):
+        return True
     if isinstance(exc, UpstreamError):
-        return exc.upstream_status >= 500
+        # 0: Ollama's error line in place of the first chunk (its runner died).
+        return exc.upstream_status >= 500 or exc.upstream_status == 0
     return isinstance(exc, (ProviderUnavailable, ProviderTimeout, UpstreamProtocolError,
                             ModelNotFound))
 
@@ -45,6 +48,8 @@ class Failover:
 
     def __init__(self, pool: UpstreamPool, admission: Admission, ticket: Ticket,
                  conversation_id: str, model: Callable[[], str]) -> None:
+        """``conversation_id``: the remembered conversation whose next turn is to go where
+        this one went; "" for a turn that keeps none."""
         self._pool = pool
         self._admission = admission
         self._ticket = ticket
@@ -67,13 +72,14 @@ class Failover:
     ) -> Forwarded:
         def send(provider: Provider) -> Forwarded:
             answer = provider.forward(method, path, body, wait=wait, abort=abort)
-            if answer.status >= 500 and self._pool.several:
-                answer.close()  # Ollama's own error, told by the next upstream instead
-                raise UpstreamError(f"the model server answered with an error (HTTP "
-                                    f"{answer.status})", answer.status)
+            if self._pool.several and (answer.status >= 500 or answer.status == 404):
+                raise _Refused(answer, self._model())  # the next upstream may answer
             return answer
 
-        return self._attempt(send, self._model(), abort)
+        try:
+            return self._attempt(send, self._model(), abort)
+        except _Refused as exc:
+            return exc.answer  # the last upstream's own error, as it came
 
     def list_models(self) -> list[ModelInfo]:
         return self._pool.list_models()
@@ -91,12 +97,27 @@ class Failover:
                 stopped = abort is not None and abort.requested
                 if stopped or not self._pool.several or not moves_on(exc):
                     raise
-                self._pool.failed(name, exc)
+                self._pool.failed(name, exc.cause if isinstance(exc, _Refused) else exc)
                 tried.append(name)
                 if not self._admission.move(self._ticket, tried):
                     raise
+                if isinstance(exc, _Refused):
+                    exc.answer.close()
                 logger.warning("upstream %s failed before the first token (%s): the turn "
                                "moves to %s", name, type(exc).__name__, self._ticket.upstream)
                 continue
             self._pool.served(name, model, self._conversation_id)
             return result
+
+
+class _Refused(UpstreamError):
+    """A relayed request that an upstream answered with an error another one may not give
+    (a 5xx, or 404 for a model it lacks); ``answer`` is still unread, for the client if no
+    other upstream takes the request."""
+
+    def __init__(self, answer: Forwarded, model: str) -> None:
+        super().__init__(f"the model server answered with an error (HTTP {answer.status})",
+                         answer.status)
+        self.answer = answer
+        # What the pool is told: a model it lacks is not a reason for a cooldown.
+        self.cause: ProviderError = ModelNotFound(model) if answer.status == 404 else self

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from ..errors import ProviderError, ProviderUnavailable
 from ..providers.base import Provider
-from ..providers.pool import full_model_name
+from ..providers.ollama_replies import full_model_name
 
 
 class ReadinessCheck:
@@ -81,7 +81,7 @@ class Readiness:
         return "no upstream is ready: " + "; ".join(
             f"{name}: {reason}" for name, reason in states), states
 
-    def degraded(self) -> str:
+    def check_store(self) -> str:
         """What is wrong with the store ("" when nothing is), asked at most once per ttl."""
         with self._lock:
             if self._trouble is None or self._clock() - self._trouble[0] >= self.ttl:

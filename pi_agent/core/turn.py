@@ -132,9 +132,11 @@ class Turn:
         self._loop: ToolLoop | None = None  # an agent with tools: the gateway runs them
         self.ticket = turns.admission.enter(
             conversation_id, lambda free: turns.pool.rank(self.model, conversation_id, free))
-        # The calls to the model, to the upstream whose slot the ticket holds.
-        self._calls = Failover(turns.pool, turns.admission, self.ticket, conversation_id,
-                               lambda: self.model)
+        # The calls to the model, to the upstream whose slot the ticket holds; a remembered
+        # conversation's next turn goes where this one went.
+        remembered = remember is not None and turns.memory is not None
+        self._calls = Failover(turns.pool, turns.admission, self.ticket,
+                               conversation_id if remembered else "", lambda: self.model)
         try:
             self._keeping = Keeping(turns.store,
                                     turns.memory if remember is not None else None,

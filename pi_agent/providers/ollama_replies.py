@@ -22,6 +22,12 @@ from .base import ChatChunk, ToolCall
 logger = logging.getLogger(__name__)
 
 
+def full_model_name(model: str) -> str:
+    """A model name as Ollama matches it: without case, and "llama3.2" is "llama3.2:latest"."""
+    name = model.strip().lower()
+    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+
 def parse_line(line: bytes) -> ChatChunk:
     try:
         data = json.loads(line.decode())

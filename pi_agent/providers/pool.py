@@ -27,9 +27,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ..config import Settings
-from ..errors import ModelNotFound, ProviderError
+from ..errors import ModelNotFound, ProviderError, ProviderUnavailable, UpstreamProtocolError
 from .base import Abort, ChatCall, Forwarded, ModelInfo
 from .ollama import OllamaProvider, OllamaStream
+from .ollama_replies import full_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +41,7 @@ COOLDOWN_SECONDS = 10.0  # an upstream that failed a call is left out this long
 AFFINITY_SIZE = 10_000
 
 
-def full_model_name(model: str) -> str:
-    """A model name as Ollama matches it: without case, and "llama3.2" is "llama3.2:latest"."""
-    name = model.strip().lower()
-    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
-
-
-def upstream_name(url: str) -> str:
+def name_upstream(url: str) -> str:
     """How an upstream is named in answers and logs: its host and port."""
     parts = urlsplit(url)
     return parts.netloc or url
@@ -63,6 +58,7 @@ class Upstream:
     installed: frozenset[str] | None = None  # None: not known yet
     loaded: frozenset[str] = frozenset()
     cool_until: float = 0.0
+    failures: int = 0  # calls that failed in a row, each before its first chunk
     tags_due: float = 0.0  # when /api/tags is asked next
     changed: threading.Event = field(default_factory=threading.Event)  # poll it now
 
@@ -80,7 +76,7 @@ class UpstreamPool:
                  cooldown: float = COOLDOWN_SECONDS, ps_seconds: float = PS_SECONDS,
                  tags_seconds: float = TAGS_SECONDS, poll: bool = True) -> None:
         """``poll`` False: nothing is asked in the background (what each has stays as set)."""
-        self.upstreams = [Upstream(upstream_name(url), make(url)) for url in urls]
+        self.upstreams = [Upstream(name_upstream(url), make(url)) for url in urls]
         self._by_name = {upstream.name: upstream for upstream in self.upstreams}
         self._clock = clock
         self.cooldown = cooldown
@@ -124,7 +120,7 @@ class UpstreamPool:
         upstream can serve fails as it would with one, instead of waiting for ever."""
         if not self.several:
             return [name for name, slots in free.items() if slots > 0]
-        self._start_polling()
+        self.start_polling()
         now = self._clock()
         with self._lock:
             previous = self._affinity.get(conversation_id)
@@ -139,39 +135,38 @@ class UpstreamPool:
                                        -free[u.name]))
         return [u.name for u in candidates]
 
-    def served(self, name: str, model: str, conversation_id: str) -> None:
-        """A turn got its first chunk from ``name``: the conversation's next turn goes there
-        too, and the model is loaded there now."""
+    def served(self, name: str, model: str, conversation_id: str = "") -> None:
+        """A turn got its first chunk from ``name``: the model is loaded there now, and the
+        conversation's next turn (if it has one that is remembered) goes there too."""
+        if not self.several:
+            return
         upstream = self._by_name[name]
-        with self._lock:
-            self._affinity[conversation_id] = name
-            self._affinity.move_to_end(conversation_id)
-            while len(self._affinity) > AFFINITY_SIZE:
-                self._affinity.popitem(last=False)
-            upstream.loaded |= {full_model_name(model)}
+        upstream.failures = 0
+        upstream.loaded |= {full_model_name(model)}
+        if conversation_id:
+            with self._lock:
+                self._affinity[conversation_id] = name
+                self._affinity.move_to_end(conversation_id)
+                while len(self._affinity) > AFFINITY_SIZE:
+                    self._affinity.popitem(last=False)
 
     def failed(self, name: str, exc: ProviderError) -> None:
         """A call to ``name`` failed before its first chunk: leave it out for the cooldown
-        (not for a model it lacks: its list is asked again instead)."""
+        when it cannot be reached or answered garbage, or failed twice in a row otherwise
+        (a 5xx or a slow first token may be the request's own doing: a long prompt, a large
+        context). For a model it lacks, its list is asked again instead."""
         upstream = self._by_name[name]
         if isinstance(exc, ModelNotFound):
             upstream.tags_due = 0.0
             upstream.changed.set()
             return
+        upstream.failures += 1
+        if upstream.failures < 2 and not isinstance(exc, (ProviderUnavailable,
+                                                          UpstreamProtocolError)):
+            return
         upstream.cool_until = self._clock() + self.cooldown
         logger.warning("upstream %s left out for %.0f s: %s", name, self.cooldown,
                        exc.description)
-
-    def states(self) -> list[tuple[str, str, str]]:
-        """(name, "ready" or "not_ready", why not) of each upstream, as last polled."""
-        self._start_polling()
-        now = self._clock()
-        states = []
-        for upstream in self.upstreams:
-            reason = upstream.problem if not upstream.answers else (
-                "cooling down after a failed call" if now < upstream.cool_until else "")
-            states.append((upstream.name, "not_ready" if reason else "ready", reason))
-        return states
 
     # -- the Provider interface, for what is not a turn
 
@@ -190,7 +185,7 @@ class UpstreamPool:
         found: dict[str, ModelInfo] = {}
         failure: ProviderError | None = None
         answered = False
-        for upstream in self.upstreams:
+        for upstream in self._answering():
             try:
                 models = upstream.provider.list_models()
             except ProviderError as exc:
@@ -215,7 +210,7 @@ class UpstreamPool:
         if not self.several:
             return self.upstreams[0].provider.forward(method, path, body, wait=wait, abort=abort)
         if method == "GET" and path in ("/api/tags", "/api/ps"):
-            return self._union(path)
+            return self._list_union(path)
         model = _named_model(body)
         ranked = self.rank(model, "", {name: 1 for name in self.names}) if model else [
             u.name for u in self.upstreams if u.answers] or self.names
@@ -238,7 +233,13 @@ class UpstreamPool:
             upstream.changed.set()
             upstream.provider.close()
 
-    def _union(self, path: str) -> Listing:
+    def _answering(self) -> list[Upstream]:
+        """The upstreams that answered their last poll (all, if none did): a Pi that is off
+        would add its connect timeout to every model list."""
+        self.start_polling()
+        return [u for u in self.upstreams if u.answers] or self.upstreams
+
+    def _list_union(self, path: str) -> Listing:
         """The ``models`` of every upstream that answers, each name once; with none, the
         first one's answer as it is.
 
@@ -247,7 +248,7 @@ class UpstreamPool:
         models: dict[str, Any] = {}
         first: Listing | None = None
         failure: ProviderError | None = None
-        for upstream in self.upstreams:
+        for upstream in self._answering():
             try:
                 answer = upstream.provider.forward("GET", path)
                 try:
@@ -278,7 +279,9 @@ class UpstreamPool:
 
     # -- the background poll
 
-    def _start_polling(self) -> None:
+    def start_polling(self) -> None:
+        """Poll each upstream in the background, once per process (a thread does not
+        survive a fork); the first turn starts it too."""
         if self._polling in (os.getpid(), -1) or self._closed.is_set():
             return
         with self._lock:
@@ -297,8 +300,7 @@ class UpstreamPool:
                     upstream.installed = frozenset(
                         full_model_name(m.name) for m in upstream.provider.list_models())
                     upstream.tags_due = self._clock() + self._tags_seconds
-                upstream.loaded = frozenset(
-                    full_model_name(name) for name in upstream.provider.list_running())
+                upstream.loaded = self._loaded(upstream)
                 if not upstream.answers:
                     logger.warning("upstream %s answers again", upstream.name)
                 upstream.answers, upstream.problem = True, ""
@@ -313,6 +315,20 @@ class UpstreamPool:
                 logger.exception("polling upstream %s failed", upstream.name)
             upstream.changed.wait(self._ps_seconds)
             upstream.changed.clear()
+
+    @staticmethod
+    def _loaded(upstream: Upstream) -> frozenset[str]:
+        """The models it has loaded; none known when only /api/ps fails (a proxy in front
+        of Ollama that lets /api/tags through): it still answers turns.
+
+        :raise ProviderUnavailable: it cannot be reached at all.
+        """
+        try:
+            return frozenset(full_model_name(name) for name in upstream.provider.list_running())
+        except ProviderUnavailable:
+            raise
+        except ProviderError:
+            return frozenset()
 
 
 class Listing:

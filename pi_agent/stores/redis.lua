@@ -198,37 +198,54 @@ elseif mode == 'admit' then
     left = tostring(tokens)
   end
   return {'ok', left, tostring(used)}
-elseif mode == 'slot_take' then
-  -- One of an upstream's generation slots, as a lease in a sorted set by its end on Redis's
-  -- clock; leases that ran out (their gateway died) go first. Each is named by a counter
-  -- that only grows (the fence): a lease that ran out is never renewed or ended by mistake
-  -- for a later one.
-  local slots, limit, ms = P .. 'slots:' .. ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13])
+elseif mode == 'lease_take' then
+  -- A place in a bounded set shared by every gateway: an upstream's generation slots
+  -- (slots:<upstream>) or the queue's places (queue). Each is a lease in a sorted set by
+  -- its end on Redis's clock; leases that ran out (their gateway died) go first. Each is
+  -- named by a counter that only grows (the fence): a lease that ran out is never renewed
+  -- or ended by mistake in place of a later one, and the queue's order is the fences'.
+  local set, limit, ms = P .. ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13])
   local t = redis.call('TIME')
   local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', clock)
-  if redis.call('ZCARD', slots) >= limit then return '' end
+  redis.call('ZREMRANGEBYSCORE', set, '-inf', clock)
+  local free = limit - redis.call('ZCARD', set)
+  if free <= 0 then return '' end
+  if ARGV[15] ~= '' then
+    -- A slot: the turns that wait for this upstream in any gateway and came before this
+    -- one (ARGV[15], the fence of its place in the queue; 'new' for one that has none,
+    -- which comes after all of them) have the first free slots.
+    local queue, upstream = P .. 'queue', ',' .. ARGV[16] .. ','
+    redis.call('ZREMRANGEBYSCORE', queue, '-inf', clock)
+    local mine, before = tonumber(ARGV[15]) or math.huge, 0
+    for _, waiting in ipairs(redis.call('ZRANGE', queue, 0, -1)) do
+      local fence, wants = string.match(waiting, '^(%d+) %S+ (%S*)$')
+      if tonumber(fence) < mine and string.find(',' .. wants .. ',', upstream, 1, true) then
+        before = before + 1
+      end
+    end
+    if before >= free then return '' end
+  end
   local lease = redis.call('INCR', P .. 'fence') .. ' ' .. ARGV[14]
-  redis.call('ZADD', slots, clock + ms, lease)
+  redis.call('ZADD', set, clock + ms, lease)
   return lease
-elseif mode == 'slot_renew' then
+elseif mode == 'lease_renew' then
   -- The leases still held are renewed; those that ran out are named.
   local t = redis.call('TIME')
   local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local lost = {}
   for i = 12, #ARGV, 2 do
-    local slots = P .. 'slots:' .. ARGV[i]
-    local ends = tonumber(redis.call('ZSCORE', slots, ARGV[i + 1]))
+    local set = P .. ARGV[i]
+    local ends = tonumber(redis.call('ZSCORE', set, ARGV[i + 1]))
     if ends and ends > clock then
-      redis.call('ZADD', slots, 'XX', clock + tonumber(ARGV[11]), ARGV[i + 1])
+      redis.call('ZADD', set, 'XX', clock + tonumber(ARGV[11]), ARGV[i + 1])
     else
-      redis.call('ZREM', slots, ARGV[i + 1])
+      redis.call('ZREM', set, ARGV[i + 1])
       table.insert(lost, ARGV[i + 1])
     end
   end
   return lost
-elseif mode == 'slot_give' then
-  redis.call('ZREM', P .. 'slots:' .. ARGV[11], ARGV[12])
+elseif mode == 'lease_give' then
+  redis.call('ZREM', P .. ARGV[11], ARGV[12])
   return 1
 elseif mode == 'sweep' then
   expire()

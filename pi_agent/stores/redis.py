@@ -20,15 +20,17 @@ Keys, each under the prefix (``PI_AGENT_REDIS_PREFIX``):
 - ``busy:<id>``: the claim of the turn that holds the conversation, in whichever gateway:
   a lease of ``claim_seconds``, renewed while the turn runs, so that the conversation of a
   gateway that died is free again within it;
-- ``slots:<upstream>``: the generation slots of an upstream (host:port) taken in every
-  gateway, a sorted set of leases by their end (``claim_seconds`` too, renewed while the
-  turn runs); ``fence``, the counter that names each lease.
+- ``slots:<upstream>`` and ``queue``: the generation slots of an upstream (host:port) and
+  the places of the queue taken in every gateway, each a sorted set of leases by their end
+  (``claim_seconds`` too, renewed while the turn holds them); ``fence``, the counter that
+  names each lease.
 
 The client library is imported when this store is used only (it costs a few MiB). Every
-command has a short timeout: when Redis is down or frozen, what needs the store answers 503
-within a second instead of waiting. A standalone Redis or Valkey (or one behind Sentinel):
-the scripts name their keys themselves, which Redis Cluster does not allow; and with
-``maxmemory-policy noeviction``, so that Redis never drops one key of a conversation.
+command has a short timeout, and a failure opens a circuit breaker for a second: when Redis
+is down or frozen, what needs the store answers 503 within a second instead of waiting.
+A standalone Redis or Valkey (or one behind Sentinel): the scripts name their keys
+themselves, which Redis Cluster does not allow; and with ``maxmemory-policy noeviction``,
+so that Redis never drops one key of a conversation.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import threading
 from importlib import resources
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,6 +59,10 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 0.25
 SOCKET_TIMEOUT = 0.5
+# After a command failed, those in the next second fail at once instead of each waiting for
+# the timeouts (a circuit breaker): a frozen Redis costs one request half a second, not
+# every request. The first command after it tries Redis again.
+BREAKER_SECONDS = 1.0
 # A turn's hold on its conversation, renewed every third of it while the turn runs.
 CLAIM_SECONDS = 30.0
 
@@ -91,7 +97,8 @@ class RedisStore(Bounded):
         self.sweep_seconds = sweep_seconds
         self.claim_seconds = claim_seconds
         self._claims: dict[str, str] = {}  # the conversations this process's turns hold
-        self._leases: dict[str, str] = {}  # the slots they hold: lease -> upstream
+        # The generation slots and queue places they hold: lease -> "slots:<upstream>", "queue".
+        self._leases: dict[str, str] = {}
         self._holder = f"{socket.gethostname()}:{os.getpid()}"  # in a lease, for a person
         self._on_cancel = on_cancel
         self._prefix = prefix
@@ -107,6 +114,7 @@ class RedisStore(Bounded):
             decode_responses=True)
         self._script = self._redis.register_script(SCRIPT)
         self._closed = threading.Event()
+        self._broken_until = 0.0  # the circuit breaker: commands fail at once until then
         self._tending = 0  # the process whose loop renews the claims
         self._start_lock = threading.Lock()
 
@@ -210,23 +218,57 @@ class RedisStore(Bounded):
         except StoreUnavailable:
             pass
 
-    def take_slot(self, upstream: str, limit: int) -> str:
+    def take_slot(self, upstream: str, limit: int, place: str = "") -> str:
         """A lease on one of ``upstream``'s ``limit`` generation slots, shared by every
-        gateway; "" when they hold all of them. Renewed until ``give_slot``.
+        gateway; "" when they hold all of them, or when turns that came before this one wait
+        for it in any gateway. ``place``: the lease of the turn's place in the queue (""
+        for a turn that has none: it comes after every one waiting; "first" for a turn that
+        moves on from an upstream that failed it). Renewed until ``give_slot``.
 
         :raise StoreUnavailable: Redis cannot be asked.
         """
-        if self._holder.rsplit(":", 1)[1] != str(os.getpid()):
-            self._holder = f"{socket.gethostname()}:{os.getpid()}"  # after a fork
-        lease = str(self._run("slot_take", upstream, limit,
-                              round(self.claim_seconds * 1000), self._holder))
-        if lease:
-            self._leases[lease] = upstream
-        return lease
+        name = self._slot_name(upstream)
+        order = "0" if place == "first" else place.split(" ", 1)[0] if place else "new"
+        return self._take_lease("slots:" + name, limit, order=order, upstream=name)
 
     def give_slot(self, upstream: str, lease: str) -> None:
+        self._give_lease("slots:" + self._slot_name(upstream), lease)
+
+    def join_queue(self, limit: int, upstreams: Sequence[str]) -> str:
+        """A lease on one of the ``limit`` places of the queue that every gateway shares,
+        for a turn that may go to ``upstreams``; "" when it is full. Renewed until
+        ``leave_queue``.
+
+        :raise StoreUnavailable: Redis cannot be asked.
+        """
+        wants = ",".join(self._slot_name(upstream) for upstream in upstreams)
+        return self._take_lease("queue", limit, wants=wants)
+
+    def leave_queue(self, place: str) -> None:
+        self._give_lease("queue", place)
+
+    def _slot_name(self, upstream: str) -> str:
+        """An upstream as every gateway names it: a loopback one is this host's own Ollama,
+        not the one that another gateway reaches at the same address."""
+        host = upstream.rsplit(":", 1)[0].strip("[]").lower()
+        if host == "localhost" or host == "::1" or host.startswith("127."):
+            return f"{socket.gethostname()}/{upstream}"
+        return upstream
+
+    def _take_lease(self, kind: str, limit: int, order: str = "", upstream: str = "",
+                    wants: str = "") -> str:
+        if self._holder.rsplit(":", 1)[1] != str(os.getpid()):
+            self._holder = f"{socket.gethostname()}:{os.getpid()}"  # after a fork
+        holder = f"{self._holder} {wants}" if kind == "queue" else self._holder
+        lease = str(self._run("lease_take", kind, limit, round(self.claim_seconds * 1000),
+                              holder, order, upstream))
+        if lease:
+            self._leases[lease] = kind
+        return lease
+
+    def _give_lease(self, kind: str, lease: str) -> None:
         self._leases.pop(lease, None)
-        self._run("slot_give", upstream, lease)
+        self._run("lease_give", kind, lease)
 
     def spend(self, spent: Spent) -> None:
         if spent:
@@ -252,10 +294,12 @@ class RedisStore(Bounded):
 
     def trouble(self) -> str:
         try:
-            self._redis.ping()
-        except redis.RedisError:
+            with self._talking():
+                self._redis.ping()
+        except StoreUnavailable:
             return (f"redis at {self.url} does not answer: conversations answer 503 until it "
-                    "is back; limits and generation slots are counted per gateway meanwhile")
+                    "is back; limits, generation slots and the queue are counted per gateway "
+                    "meanwhile")
         return ""
 
     def close(self) -> None:
@@ -274,9 +318,12 @@ class RedisStore(Bounded):
 
     @contextmanager
     def _talking(self) -> Iterator[None]:
+        if time.monotonic() < self._broken_until:
+            raise StoreUnavailable()
         try:
             yield
         except redis.RedisError as exc:
+            self._broken_until = time.monotonic() + BREAKER_SECONDS
             logger.error("the store at %s failed: %s", self.url, exc)
             raise StoreUnavailable() from None
 
@@ -322,12 +369,11 @@ class RedisStore(Bounded):
         leases = dict(self._leases)
         if not leases:
             return
-        pairs = [part for lease, upstream in leases.items() for part in (upstream, lease)]
-        for lease in self._run("slot_renew", round(self.claim_seconds * 1000), *pairs):
+        pairs = [part for lease, kind in leases.items() for part in (kind, lease)]
+        for lease in self._run("lease_renew", round(self.claim_seconds * 1000), *pairs):
             if self._leases.pop(lease, None) is not None:
-                # Redis was away longer than the lease: another gateway may use the slot.
-                logger.warning("a generation slot of %s ran out while its turn ran",
-                               leases[lease])
+                # Redis was away longer than the lease: another gateway may use its place.
+                logger.warning("a lease on %s ran out while its turn held it", leases[lease])
 
     def _hear_cancels(self) -> None:
         """Stop this process's turns that another gateway cancels, as the cancels come; a

@@ -12,7 +12,7 @@ import socket
 from flask import Flask, Response, g, request
 
 from ..config import LOCAL_ID
-from ..providers.pool import full_model_name
+from ..providers.ollama_replies import full_model_name
 from ..errors import (
     ConversationNotFound,
     LocalOnly,

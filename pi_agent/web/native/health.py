@@ -22,7 +22,7 @@ def ready() -> Response:
     none does. With several upstreams, each is listed with its state."""
     state = current_state()
     reason, upstreams = state.readiness.check()
-    trouble = state.readiness.degraded()
+    trouble = state.readiness.check_store()
     body = Readiness(
         status="not_ready" if reason else "degraded" if trouble else "ready",
         model=state.settings.model,

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, g, request
 
 from ...config import Settings
 from ...core.conversation import CONVERSATION_ID
-from ...providers.pool import full_model_name
+from ...providers.ollama_replies import full_model_name
 from ...core.turn import Turn
 from ...errors import (
     ClientGone,
