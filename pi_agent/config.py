@@ -185,8 +185,9 @@ class Settings:
     redis_url: str = _setting("redis://127.0.0.1:6379/0", _redis_url)
     redis_prefix: str = _setting("pi-agent:", _text(100))
     # How long a claim on a conversation and a generation slot hold in Redis without being
-    # renewed (every third of it): what a gateway that died holds is free again after it.
-    redis_lease_seconds: float = _setting(30.0, _number(1, 3600))
+    # renewed (every third of it): what a gateway that died holds is free again after it. At
+    # least 3 s: a renewal that meets a failure tries again after the breaker's second.
+    redis_lease_seconds: float = _setting(30.0, _number(3, 3600))
     # gunicorn's worker processes; more than one needs the Redis store.
     workers: int = _setting(1, _integer(1, 64))
     connect_timeout: float = _setting(DEFAULT_CONNECT_TIMEOUT, _number(0, 600, low_open=True))

@@ -21,7 +21,7 @@ import pytest
 import redis
 import requests
 
-from pi_agent.core.admission import Admission
+from pi_agent.core.admission import SHARED_RETRY_SECONDS, Admission
 from pi_agent.errors import ConversationBusy, QueueFull, RateLimited, StoreUnavailable
 from pi_agent.memory import Turn
 from pi_agent.security.keys import ApiKey
@@ -460,12 +460,48 @@ def test_a_freed_slot_goes_to_the_turn_that_waited_longest_in_any_gateway(
         other.close()
 
 
+def test_turns_that_waited_while_redis_was_away_are_not_stuck_behind_later_ones(
+    own_redis: RedisServer
+) -> None:
+    store = _store(own_redis, f"{uuid.uuid4().hex}:")
+    try:
+        admission = Admission(1, 4, upstreams=["pi:11434"], shared=store)
+        running = admission.enter("c1")
+        own_redis.freeze()
+        try:
+            early = admission.enter("c2")  # waits with no place in Redis: it is away
+        finally:
+            own_redis.thaw()
+        assert not early.admitted and early.place == "" and admission.on_my_own
+        time.sleep(SHARED_RETRY_SECONDS)  # then Redis is asked again
+        late = admission.enter("c3")
+        assert not late.admitted and late.place
+        admission.leave(running)
+        # Neither holds the other up for ever: one gets the slot (the late one, whose place
+        # in Redis is older), then the other. Both wait as turns do, looking in turn.
+        deadline = time.monotonic() + 10  # a place of the command that timed out may last 6 s
+        while not (early.admitted or late.admitted):
+            assert time.monotonic() < deadline, "both were stuck"
+            admission.wait(early, 0.1)
+            admission.wait(late, 0.1)
+        assert early.admitted != late.admitted
+        first, then = (early, late) if early.admitted else (late, early)
+        admission.leave(first)
+        deadline = time.monotonic() + 10
+        while not admission.wait(then, 0.1):
+            assert time.monotonic() < deadline, "the other one was stuck"
+        admission.leave(then)
+        assert admission.enter("c4").admitted  # nothing was left held
+    finally:
+        store.close()
+
+
 def test_an_upstreams_slot_limit_holds_across_gateways_and_a_killed_worker_frees_it(
     fake: FakeOllama, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     settings = {"STORE": "redis", "REDIS_URL": redis_server.url, "MAX_CONCURRENT": "1",
                 "REDIS_PREFIX": f"{uuid.uuid4().hex}:", "OLLAMA_URL": fake.url,
-                "REDIS_LEASE_SECONDS": "2", "HEARTBEAT_SECONDS": "1"}
+                "REDIS_LEASE_SECONDS": "3", "HEARTBEAT_SECONDS": "1"}
     fake.script = Script(tokens=[f"tok{i} " for i in range(100)], token_delay=0.2)
     with serving(tmp_path / "a.log", **settings) as one, \
             serving(tmp_path / "b.log", **settings) as other:
@@ -482,7 +518,7 @@ def test_an_upstreams_slot_limit_holds_across_gateways_and_a_killed_worker_frees
             killed = time.monotonic()
             # The dead worker's lease is renewed no more: the slot is free within it.
             waiting.read_until(b"tok0 ", seconds=10)
-            assert time.monotonic() - killed < 2 + 2, "the slot outlived its lease"
+            assert time.monotonic() - killed < 3 + 2, "the slot outlived its lease"
             assert len(fake.chat_requests()) == 2
         finally:
             running.close()

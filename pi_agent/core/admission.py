@@ -207,35 +207,42 @@ class Admission:
         with self._changed:
             return len(self._waiting)
 
-    def _try_admit(self, ticket: Ticket, refused: set[str] | None = None) -> bool:
-        """Give the ticket a slot of the best upstream it may use that has one; ``refused``
-        gathers the upstreams whose slots the shared store keeps for others, in one pass
-        over the waiting tickets (they would refuse the later tickets too)."""
-        refused = set() if refused is None else refused
+    def _try_admit(self, ticket: Ticket, refused: dict[str, float] | None = None) -> bool:
+        """Give the ticket a slot of the best upstream it may use that has one (a waiting
+        ticket's place in the shared queue goes with it). ``refused`` gathers, over one
+        pass of the waiting tickets, the upstreams whose slots the shared store keeps for
+        others, with the place (its number) that was refused: a refusal holds for every
+        place after it, and for a ticket without one, which comes after all."""
+        refused = {} if refused is None else refused
+        mine = _place_number(ticket.place)
         for name in ticket.rank({name: n for name, n in self._free.items() if n > 0}):
-            if self._free.get(name, 0) <= 0 or name in refused:
+            if self._free.get(name, 0) <= 0 or mine > refused.get(name, math.inf):
                 continue
             lease = self._lease(name, ticket.place)
             if lease is None:
-                refused.add(name)  # taken, or kept for turns before it, in other gateways
+                if ticket.place:  # taken, or kept for turns before it, elsewhere
+                    refused[name] = min(mine, refused.get(name, mine))
                 continue
             self._free[name] -= 1
             ticket.upstream, ticket.lease = name, lease
             ticket.admitted = True
             ticket.admitted_at = self._clock()
+            if lease:
+                ticket.place = ""  # given up in the store with the slot's taking
+            else:
+                self._leave_queue(ticket)
             return True
         return False
 
     def _admit_waiting(self) -> None:
         """Admit the waiting tickets that a free slot can take, in their order."""
         admitted = False
-        refused: set[str] = set()
+        refused: dict[str, float] = {}
         for ticket in list(self._waiting):
             if not any(slots > 0 for slots in self._free.values()):
                 break
             if self._try_admit(ticket, refused):
                 self._waiting.remove(ticket)
-                self._leave_queue(ticket)
                 admitted = True
         if admitted:
             self._changed.notify_all()
@@ -246,7 +253,20 @@ class Admission:
         now = self._clock()
         if self._look_again and self._waiting and now - self._looked >= RETRY_SECONDS:
             self._looked = now
+            self._place_waiting()
             self._admit_waiting()
+
+    def _place_waiting(self) -> None:
+        """Give the waiting tickets that came while the shared store was away a place
+        there once it answers again, in their order: without one, every ticket with a
+        place would come before them in every gateway."""
+        if self._shared is None:
+            return
+        for ticket in self._waiting:
+            if ticket.place:
+                continue
+            if not self._join_queue(ticket) or not ticket.place:
+                return  # full, or away again
 
     def _lease(self, upstream: str, place: str) -> str | None:
         """The shared store's lease on a slot of ``upstream`` ("" without one, or while it is
@@ -256,8 +276,8 @@ class Admission:
             lambda shared: shared.take_slot(upstream, self.max_concurrent, place))
 
     def _join_queue(self, ticket: Ticket) -> bool:
-        """Take one of the queue's places in the shared store too; False when the other
-        gateways hold all of them."""
+        """Take one of the queue's places in the shared store too (none while it is away);
+        False when the other gateways hold all of them."""
         wants = ticket.rank({name: 1 for name in self._free})  # the upstreams it may use
         place = self._ask_shared(lambda shared: shared.join_queue(self.max_queue, wants))
         if place is None:
@@ -305,3 +325,10 @@ class Admission:
         # A place in the queue frees up when a running generation ends: about one
         # generation's time, as measured so far.
         return max(1, min(MAX_RETRY_AFTER, math.ceil(self._average_seconds)))
+
+
+def _place_number(place: str) -> float:
+    """The order of a place in the shared queue (its lease's counter); a ticket without
+    one comes after all."""
+    number = place.split(" ", 1)[0]
+    return int(number) if number.isdigit() else math.inf

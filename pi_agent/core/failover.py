@@ -106,7 +106,8 @@ class Failover:
                 logger.warning("upstream %s failed before the first token (%s): the turn "
                                "moves to %s", name, type(exc).__name__, self._ticket.upstream)
                 continue
-            self._pool.served(name, model, self._conversation_id)
+            if getattr(result, "status", 200) < 400:  # a relayed refusal served nothing
+                self._pool.served(name, model, self._conversation_id)
             return result
 
 

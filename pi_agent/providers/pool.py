@@ -27,7 +27,13 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ..config import Settings
-from ..errors import ModelNotFound, ProviderError, ProviderUnavailable, UpstreamProtocolError
+from ..errors import (
+    ModelNotFound,
+    ProviderError,
+    ProviderUnavailable,
+    UpstreamError,
+    UpstreamProtocolError,
+)
 from .base import Abort, ChatCall, Forwarded, ModelInfo
 from .ollama import OllamaProvider, OllamaStream
 from .ollama_replies import full_model_name
@@ -318,17 +324,15 @@ class UpstreamPool:
 
     @staticmethod
     def _loaded(upstream: Upstream) -> frozenset[str]:
-        """The models it has loaded; none known when only /api/ps fails (a proxy in front
-        of Ollama that lets /api/tags through): it still answers turns.
+        """The models it has loaded; those known before when only /api/ps is refused (a
+        proxy in front of Ollama that lets /api/tags through): it still answers turns.
 
-        :raise ProviderUnavailable: it cannot be reached at all.
+        :raise ProviderError: it cannot be reached, or does not answer in time.
         """
         try:
             return frozenset(full_model_name(name) for name in upstream.provider.list_running())
-        except ProviderUnavailable:
-            raise
-        except ProviderError:
-            return frozenset()
+        except (UpstreamError, UpstreamProtocolError):
+            return upstream.loaded
 
 
 class Listing:

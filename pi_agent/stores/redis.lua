@@ -227,6 +227,9 @@ elseif mode == 'lease_take' then
   end
   local lease = redis.call('INCR', P .. 'fence') .. ' ' .. ARGV[14]
   redis.call('ZADD', set, clock + ms, lease)
+  -- A turn that waited gives its place up in the same step (ARGV[17]): never counted twice,
+  -- never left behind.
+  if ARGV[17] ~= '' then redis.call('ZREM', P .. 'queue', ARGV[17]) end
   return lease
 elseif mode == 'lease_renew' then
   -- The leases still held are renewed; those that ran out are named.

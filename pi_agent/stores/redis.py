@@ -45,6 +45,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -63,6 +64,9 @@ SOCKET_TIMEOUT = 0.5
 # the timeouts (a circuit breaker): a frozen Redis costs one request half a second, not
 # every request. The first command after it tries Redis again.
 BREAKER_SECONDS = 1.0
+# A waiting turn's place in the shared queue is renewed this often, so that the places of a
+# gateway that died stop keeping free slots for turns that will never come within seconds.
+PLACE_SECONDS = 6.0
 # A turn's hold on its conversation, renewed every third of it while the turn runs.
 CLAIM_SECONDS = 30.0
 
@@ -115,6 +119,7 @@ class RedisStore(Bounded):
         self._script = self._redis.register_script(SCRIPT)
         self._closed = threading.Event()
         self._broken_until = 0.0  # the circuit breaker: commands fail at once until then
+        self._to_give: list[tuple[str, str]] = []  # leases to end, once Redis answers
         self._tending = 0  # the process whose loop renews the claims
         self._start_lock = threading.Lock()
 
@@ -214,22 +219,27 @@ class RedisStore(Bounded):
         if self._claims.get(conversation_id) == claim:
             del self._claims[conversation_id]
         try:
-            self._run("let_go", conversation_id, claim)
+            self._run("let_go", conversation_id, claim, breaker=False)
         except StoreUnavailable:
             pass
 
     def take_slot(self, upstream: str, limit: int, place: str = "") -> str:
         """A lease on one of ``upstream``'s ``limit`` generation slots, shared by every
         gateway; "" when they hold all of them, or when turns that came before this one wait
-        for it in any gateway. ``place``: the lease of the turn's place in the queue (""
-        for a turn that has none: it comes after every one waiting; "first" for a turn that
-        moves on from an upstream that failed it). Renewed until ``give_slot``.
+        for it in any gateway. ``place``: the lease of the turn's place in the queue, given
+        up in the same step when the slot is taken ("" for a turn that has none: it comes
+        after every one waiting; "first" for a turn that moves on from an upstream that
+        failed it). Renewed until ``give_slot``.
 
         :raise StoreUnavailable: Redis cannot be asked.
         """
         name = self._slot_name(upstream)
         order = "0" if place == "first" else place.split(" ", 1)[0] if place else "new"
-        return self._take_lease("slots:" + name, limit, order=order, upstream=name)
+        lease = self._take_lease("slots:" + name, limit, self.claim_seconds, order=order,
+                                 upstream=name, place=place if order.isdigit() else "")
+        if lease and place:
+            self._leases.pop(place, None)
+        return lease
 
     def give_slot(self, upstream: str, lease: str) -> None:
         self._give_lease("slots:" + self._slot_name(upstream), lease)
@@ -242,33 +252,40 @@ class RedisStore(Bounded):
         :raise StoreUnavailable: Redis cannot be asked.
         """
         wants = ",".join(self._slot_name(upstream) for upstream in upstreams)
-        return self._take_lease("queue", limit, wants=wants)
+        return self._take_lease("queue", limit, PLACE_SECONDS, wants=wants)
 
     def leave_queue(self, place: str) -> None:
         self._give_lease("queue", place)
 
     def _slot_name(self, upstream: str) -> str:
         """An upstream as every gateway names it: a loopback one is this host's own Ollama,
-        not the one that another gateway reaches at the same address."""
-        host = upstream.rsplit(":", 1)[0].strip("[]").lower()
+        not the one that another gateway reaches at the same address (so each host needs a
+        name of its own)."""
+        host = (urlsplit("//" + upstream).hostname or "").lower()
         if host == "localhost" or host == "::1" or host.startswith("127."):
             return f"{socket.gethostname()}/{upstream}"
         return upstream
 
-    def _take_lease(self, kind: str, limit: int, order: str = "", upstream: str = "",
-                    wants: str = "") -> str:
+    def _take_lease(self, kind: str, limit: int, seconds: float, order: str = "",
+                    upstream: str = "", wants: str = "", place: str = "") -> str:
         if self._holder.rsplit(":", 1)[1] != str(os.getpid()):
             self._holder = f"{socket.gethostname()}:{os.getpid()}"  # after a fork
         holder = f"{self._holder} {wants}" if kind == "queue" else self._holder
-        lease = str(self._run("lease_take", kind, limit, round(self.claim_seconds * 1000),
-                              holder, order, upstream))
+        lease = str(self._run("lease_take", kind, limit, round(seconds * 1000), holder, order,
+                              upstream, place))
         if lease:
             self._leases[lease] = kind
         return lease
 
     def _give_lease(self, kind: str, lease: str) -> None:
+        """End a lease; one that cannot be ended now is tried again by the tending loop
+        soon, not left to run out (a slot or a place would stand empty for others until
+        then)."""
         self._leases.pop(lease, None)
-        self._run("lease_give", kind, lease)
+        try:
+            self._run("lease_give", kind, lease, breaker=False)
+        except StoreUnavailable:
+            self._to_give.append((kind, lease))
 
     def spend(self, spent: Spent) -> None:
         if spent:
@@ -308,22 +325,28 @@ class RedisStore(Bounded):
 
     # -- the rest
 
-    def _run(self, mode: str, *args: Any) -> Any:
+    def _run(self, mode: str, *args: Any, breaker: bool = True) -> Any:
         self._start_tending()
         bounds = (self._prefix, repr(self._clock()), self.ttl_seconds, self.max_turns,
                   self.keep_on_drop, self.max_conversations, self.max_bytes, self.max_per_key,
                   LOCAL_ID, mode)
-        with self._talking():
+        with self._talking(breaker):
             return self._script(args=[*bounds, *args])
 
     @contextmanager
-    def _talking(self) -> Iterator[None]:
-        if time.monotonic() < self._broken_until:
+    def _talking(self, breaker: bool = True) -> Iterator[None]:
+        """Translate Redis's errors. ``breaker``: fail at once while the circuit breaker is
+        open (False for what ends or renews a hold: a claim, a slot or a place left in
+        Redis would keep them from every gateway)."""
+        if breaker and time.monotonic() < self._broken_until:
             raise StoreUnavailable()
         try:
             yield
-        except redis.RedisError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             self._broken_until = time.monotonic() + BREAKER_SECONDS
+            logger.error("the store at %s failed: %s", self.url, exc)
+            raise StoreUnavailable() from None
+        except redis.RedisError as exc:
             logger.error("the store at %s failed: %s", self.url, exc)
             raise StoreUnavailable() from None
 
@@ -348,13 +371,18 @@ class RedisStore(Bounded):
     def _tend(self) -> None:
         """Renew the claims of the turns under way, and sweep now and then. A greenlet under
         gevent (threading is patched), else a thread."""
-        swept = time.monotonic()
-        while not self._closed.wait(self.claim_seconds / 3):
+        swept = renewed = time.monotonic()
+        while not self._closed.wait(self._tending_pause()):
             try:
+                self._give_pending()
+                if time.monotonic() - renewed < self._renewal_seconds():
+                    continue
+                renewed = time.monotonic()
                 held = dict(self._claims)  # the claims as they were sent
                 if held:
                     pairs = [part for pair in held.items() for part in pair]
-                    for cid in self._run("renew", round(self.claim_seconds * 1000), *pairs):
+                    for cid in self._run("renew", round(self.claim_seconds * 1000), *pairs,
+                                         breaker=False):
                         self._cancel_mine(cid, held[cid])
                 self._renew_leases()
                 if self.sweep_seconds > 0 and time.monotonic() - swept >= self.sweep_seconds:
@@ -365,15 +393,40 @@ class RedisStore(Bounded):
             except Exception:  # the loop must outlive a bug: claims would run out
                 logger.exception("renewing the claims failed")
 
+    def _renewal_seconds(self) -> float:
+        """How often the holds are renewed: a third of the shortest lease held."""
+        if any(kind == "queue" for kind in self._leases.values()):
+            return min(self.claim_seconds, PLACE_SECONDS) / 3
+        return self.claim_seconds / 3
+
+    def _tending_pause(self) -> float:
+        """The loop's pause: shorter while something waits to be given back or renewed."""
+        if self._to_give:
+            return BREAKER_SECONDS
+        return min(self._renewal_seconds(), BREAKER_SECONDS * 2)
+
+    def _give_pending(self) -> None:
+        pending, self._to_give = self._to_give, []
+        for index, (kind, lease) in enumerate(pending):
+            try:
+                self._run("lease_give", kind, lease, breaker=False)
+            except StoreUnavailable:
+                self._to_give += pending[index:]  # still away: the next round
+                return
+
     def _renew_leases(self) -> None:
         leases = dict(self._leases)
-        if not leases:
-            return
-        pairs = [part for lease, kind in leases.items() for part in (kind, lease)]
-        for lease in self._run("lease_renew", round(self.claim_seconds * 1000), *pairs):
-            if self._leases.pop(lease, None) is not None:
-                # Redis was away longer than the lease: another gateway may use its place.
-                logger.warning("a lease on %s ran out while its turn held it", leases[lease])
+        for kind, seconds in (("slots:", self.claim_seconds), ("queue", PLACE_SECONDS)):
+            pairs = [part for lease, held in leases.items() if held.startswith(kind)
+                     for part in (held, lease)]
+            if not pairs:
+                continue
+            for lease in self._run("lease_renew", round(seconds * 1000), *pairs,
+                                   breaker=False):
+                if self._leases.pop(lease, None) is not None:
+                    # Redis was away longer than the lease: another gateway may have it.
+                    logger.warning("a lease on %s ran out while its turn held it",
+                                   leases[lease])
 
     def _hear_cancels(self) -> None:
         """Stop this process's turns that another gateway cancels, as the cancels come; a
