@@ -35,7 +35,7 @@ from .stores.sqlite import SqliteStore
 from .stores.sqlite_file import StoreFileError, state_file
 from .stores.threads import OneThread, PlainThread
 from .web import auth, errors, framing, tracing
-from .web.native import agents, chat, conversations, health
+from .web.native import agents, chat, conversations, health, openapi
 from .web.native.errors import render_error
 from .web.ollama import errors as ollama_errors
 from .web.ollama import routes as ollama_routes
@@ -75,6 +75,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     for blueprint in (health.bp, agents.bp, chat.bp, conversations.bp, openai_routes.bp,
                       ollama_routes.bp):
         app.register_blueprint(blueprint)
+    openapi.init_app(app)
     watch_host(app, settings)
     return app
 

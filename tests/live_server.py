@@ -159,13 +159,14 @@ class RawStream:
     """A POST answered over a plain socket, so that a test can drop it at any point."""
 
     def __init__(self, server: Gunicorn | Waitress, path: str = "/chat/stream",
-                 **body: Any) -> None:
+                 headers: dict[str, str] | None = None, **body: Any) -> None:
         port = int(server.url.rsplit(":", 1)[1])
         payload = json.dumps({"message": "hello", **body}).encode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                          b"application/json\r\nContent-Length: %d\r\n\r\n%s"
-                          % (path.encode(), len(payload), payload))
+                          b"application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+                          % (path.encode(), extra.encode(), len(payload), payload))
         self.received = b""
 
     def read_until(self, marker: bytes, seconds: float = 10) -> bytes:

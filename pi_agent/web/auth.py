@@ -37,13 +37,19 @@ def init_app(app: Flask) -> None:
     app.after_request(add_limit_headers)
 
 
+# Answered to anyone, with or without a key: liveness, and the API's description.
+PUBLIC = ("/health", "/openapi.json", "/docs")
+PUBLIC_FOLDER = "/docs/"
+
+
 def authenticate() -> None:
     """Find the request's key; without a key file, the local user, for local clients only.
 
     :raise Unauthenticated: 401, the same for a missing, unknown or revoked key.
     :raise LocalOnly: 403 in local mode for a client on another machine.
     """
-    if request.method == "OPTIONS" or request.path == "/health":
+    if request.method == "OPTIONS" or request.path in PUBLIC or request.path.startswith(
+            PUBLIC_FOLDER):
         return
     state = current_state()
     if state.keys is None:

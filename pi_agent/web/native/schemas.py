@@ -186,3 +186,96 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+# The event stream's events (``/chat/stream``, ``/chat`` with ``"stream": true`` and an
+# event Accept): the data of each, as events.py writes it. They describe the stream in the
+# API docs (openapi.py); the encoder writes its bytes by hand, since a model per token would
+# cost the relay, and tests/test_openapi.py checks each event of a real stream against its
+# model here.
+
+
+class StartEvent(BaseModel):
+    """First: the turn is taken."""
+
+    conversation_id: str
+    agent: str
+    model: str
+
+
+class QueuedEvent(BaseModel):
+    """The turn waits for a generation slot: its place, from 1, as it changes."""
+
+    position: int
+
+
+class RouteEvent(BaseModel):
+    """Where a router sent the message."""
+
+    route: str | None
+    agent: str | None
+    by: str
+
+
+class SourcesEvent(BaseModel):
+    """The passages of the agent's documents given to the model, as the reply cites them."""
+
+    sources: list[SourceInfo]
+
+
+class TokenEvent(BaseModel):
+    """A piece of the reply."""
+
+    content: str
+
+
+class ToolCallEvent(BaseModel):
+    """The model called a tool; the gateway runs it."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolResultEvent(BaseModel):
+    """What the tool answered (``content`` at most 500 characters)."""
+
+    id: str
+    name: str
+    ok: bool
+    content: str
+    ms: int
+
+
+class Timings(BaseModel):
+    queue_ms: int
+    first_token_ms: int | None
+    total_ms: int
+
+
+class DoneEvent(BaseModel):
+    """Last, on success."""
+
+    conversation_id: str
+    done_reason: str
+    usage: Usage
+    timings: Timings
+    steps: int
+    tool_calls: list[ToolCallInfo]
+    history: HistoryInfo
+    upstream: str
+
+
+class ErrorEvent(BaseModel):
+    """Last, when the turn ended without its reply (after the stream began)."""
+
+    code: str
+    message: str
+
+
+# The events by the name they are sent under.
+EVENTS: dict[str, type[BaseModel]] = {
+    "start": StartEvent, "queued": QueuedEvent, "route": RouteEvent, "sources": SourcesEvent,
+    "token": TokenEvent, "tool_call": ToolCallEvent, "tool_result": ToolResultEvent,
+    "done": DoneEvent, "error": ErrorEvent,
+}
