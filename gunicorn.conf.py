@@ -42,6 +42,23 @@ accesslog = "-"
 access_log_format = '%(h)s - - %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s"'
 errorlog = "-"
 loglevel = _settings.log_level.lower()
+if _settings.log_format == "json":
+    # PI_AGENT_LOG_FORMAT=json: gunicorn's own lines (its log and the access log) as JSON
+    # objects too, on the root logger's handler, which the app's lines reach as well.
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "pi_agent.logformat.JsonFormatter"}},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json",
+                                 "stream": "ext://sys.stdout"}},
+        "root": {"level": _settings.log_level, "handlers": ["console"]},
+        "loggers": {
+            "gunicorn.error": {"level": _settings.log_level, "handlers": ["console"],
+                               "propagate": False, "qualname": "gunicorn.error"},
+            "gunicorn.access": {"level": "INFO", "handlers": ["console"],
+                                "propagate": False, "qualname": "gunicorn.access"},
+        },
+    }
 # gunicorn 24+ opens a control socket in a shared path by default; nothing here uses it, and
 # two servers on one machine would fight over it. Older versions ignore the name.
 control_socket_disable = True

@@ -26,6 +26,7 @@ from .core.running import RunningTurns
 from .core.turn import Turns
 from .core.watch import Watchdog
 from .hosts import watch_host
+from .logformat import JsonFormatter
 from .memory import MemoryStore, Store
 from .providers import PROVIDERS
 from .security.keys import KeyFileError, KeyRing, Offload
@@ -62,7 +63,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         {key: value for key, value in (config or {}).items() if key.upper() not in setting_keys()}
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     app.extensions[EXTENSION_KEY] = build_state(settings)
 
     errors.init_app(app, [(openai_errors.owns, openai_errors.render_error),
@@ -223,15 +224,15 @@ def _gevent_patched() -> bool:
     return "gevent" in sys.modules and monkey is not None and monkey.is_module_patched("socket")
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, log_format: str = "text") -> None:
     logger.setLevel(level)
-    # Under gunicorn nothing handles the root logger; elsewhere the host's handlers are kept.
+    # Under gunicorn nothing handles the root logger (unless gunicorn.conf.py set JSON
+    # lines up for it); elsewhere the host's handlers are kept.
     if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
-        )
-        logger.addHandler(handler)
+        logger.addHandler(logging.StreamHandler())
         # A host may give the root logger a handler after the app is built (waitress-serve
         # does); the lines would then be written twice.
         logger.propagate = False
+    for handler in logger.handlers:
+        handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(
+            "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))

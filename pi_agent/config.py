@@ -205,6 +205,10 @@ class Settings:
     ready_cache_seconds: float = _setting(5.0, _number(0, 3600))
     bind: str = _setting("127.0.0.1:8000", _text(200))
     log_level: str = _setting("INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    # "json": every log line one JSON object (logformat.py); prompts and replies go into a
+    # turn's line only with log_prompts.
+    log_format: str = _setting("text", _choice("text", "json"))
+    log_prompts: bool = _setting(False, _boolean)
     # Security (see security/keys.py and web/auth.py). No keys file: no keys, and loopback only.
     keys_file: str = _setting("", _path)
     auth: str = _setting("on", _choice("on", "off"))

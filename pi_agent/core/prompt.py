@@ -23,6 +23,7 @@ class Client:
 
     gone: Callable[[], bool] | None = None
     hang_up: Callable[[], None] | None = None
+    request_id: str = ""  # X-Request-ID, for the turn's log line
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,12 @@ class RelayedTurn(Protocol):
     @property
     def tries(self) -> int: ...
 
+    def note_first_token(self) -> None: ...
+
+    def note_failure(self, exc: PiAgentError) -> None: ...
+
+    def note_end(self, outcome: str) -> None: ...
+
     @property
     def upstream(self) -> str: ...
 
@@ -123,7 +129,7 @@ class RelayedTurn(Protocol):
     def build_call(self) -> ChatCall: ...
 
     def record(self, answer: str, partial: bool, done_reason: str,
-               answer_tokens: int = 0) -> None: ...
+               answer_tokens: int = 0, prompt_tokens: int = 0) -> None: ...
 
     def release(self) -> None: ...
 
@@ -339,6 +345,7 @@ class EventRelay:
     def _chunk(self, chunk: ChatChunk, now: float) -> bytes | None:
         if self._first_token_ms is None:
             self._first_token_ms = _ms(now - self._began)
+            self._turn.note_first_token()
         self._deadline = now + self._timeouts.idle
         self._chunks += 1
         if chunk.content:
@@ -349,7 +356,8 @@ class EventRelay:
         self._phase = _ENDED
         turn = self._turn
         turn.count_tokens(chunk.completion_tokens)  # first: they are written with the answer
-        turn.record("".join(self._pieces), False, chunk.done_reason, chunk.completion_tokens)
+        turn.record("".join(self._pieces), False, chunk.done_reason, chunk.completion_tokens,
+                    chunk.prompt_tokens)
         # The last chunk may carry text too: the encoder writes it with the end.
         return self._encode(Done(chunk, turn.conversation_id, {
             "queue_ms": self._queue_ms, "first_token_ms": self._first_token_ms,
@@ -390,6 +398,7 @@ class EventRelay:
 
     def _fail(self, exc: PiAgentError) -> bytes:
         self.failure = exc
+        self._turn.note_failure(exc)
         self._phase = _ENDED
         return self._encode(Failed(exc))
 
@@ -402,6 +411,7 @@ class EventRelay:
             # A turn cut short was generated all the same: it counts as what it relayed.
             self._turn.count_tokens(self._chunks)
         if outcome in ("disconnected", "cancelled"):
+            self._turn.note_end(outcome)
             self._turn.record("".join(self._pieces), True, "")
 
 

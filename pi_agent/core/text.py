@@ -24,9 +24,15 @@ class TextTurn(Protocol):
     abort: Abort
 
     def record(self, answer: str, partial: bool, done_reason: str,
-               answer_tokens: int = 0) -> None: ...
+               answer_tokens: int = 0, prompt_tokens: int = 0) -> None: ...
 
     def count_tokens(self, tokens: int) -> None: ...
+
+    def note_first_token(self) -> None: ...
+
+    def note_failure(self, exc: PiAgentError) -> None: ...
+
+    def note_end(self, outcome: str) -> None: ...
 
     def release(self) -> None: ...
 
@@ -46,6 +52,8 @@ def relay_text(turn: TextTurn, stream: ChatStream, watch: TurnWatch,
         for chunk in stream:
             chunks += 1
             watch.last_chunk = now = time.monotonic()
+            if last is None:
+                turn.note_first_token()
             last = chunk
             if chunk.content:
                 pieces.append(chunk.content)
@@ -62,7 +70,13 @@ def relay_text(turn: TextTurn, stream: ChatStream, watch: TurnWatch,
         failed = failure is not None and not isinstance(
             failure, (TurnCancelled, ServerShuttingDown))
         if failure is not None:
+            turn.note_failure(failure)
             yield encode(Failed(failure))
+        else:
+            turn.note_end("disconnected")
+    except GeneratorExit:  # the client left: its write failed
+        turn.note_end("disconnected")
+        raise
     finally:
         _close(turn, pieces, chunks, last, failed)
         turn.release()  # now, not when the WSGI server closes the body
@@ -89,7 +103,8 @@ def _close(turn: TextTurn, pieces: list[str], chunks: int, last: ChatChunk | Non
     # The tokens first: they are written with the answer.
     if last is not None and last.done and last.done_reason:
         turn.count_tokens(last.completion_tokens)
-        turn.record("".join(pieces), False, last.done_reason, last.completion_tokens)
+        turn.record("".join(pieces), False, last.done_reason, last.completion_tokens,
+                    last.prompt_tokens)
         return
     turn.count_tokens(chunks)  # cut short, it counts as what it relayed
     if not failed:

@@ -46,6 +46,7 @@ from .agents import Agent
 from .context import turn_tokens
 from .failover import Failover
 from .keeping import Keeping
+from .turn_log import STOPPED_OUTCOMES, TurnLog
 from .events import Encoder, Event, ToolAnswered
 from .generation import Gathered, Reply, Streamer
 from .knowledge import Library, Source
@@ -128,6 +129,9 @@ class Turn:
         self.client = client
         self._prompt = prompt
         self._model = model
+        # Its line in the log when it ends (turn_log.py).
+        self.log = TurnLog(client.request_id, key.id)
+        self._ended = ""  # "done" once it has its whole answer; how it was cut short
         self._remember = remember or ""
         self._loop: ToolLoop | None = None  # an agent with tools: the gateway runs them
         self.ticket = turns.admission.enter(
@@ -183,7 +187,7 @@ class Turn:
         toolbox = self._prompt.toolbox if self._prompt is not None else None
         if toolbox is None:
             return self._calls
-        self._loop = ToolLoop(self._calls, toolbox, self._keeping.spend)
+        self._loop = ToolLoop(self._calls, toolbox, self._spend)
         return self._loop
 
     def count_tokens(self, tokens: int) -> None:
@@ -191,7 +195,28 @@ class Turn:
         of each of its model calls itself. They are written to the store with the answer
         (``record``), or when the turn ends (``release``)."""
         if self._loop is None:
-            self._keeping.spend(tokens)
+            self._spend(tokens)
+
+    def _spend(self, tokens: int) -> None:
+        self.log.completion_tokens += tokens
+        self._keeping.spend(tokens)
+
+    def note_first_token(self) -> None:
+        """The model's first chunk came (for the turn's log line)."""
+        self.log.saw_first_token()
+
+    def note_failure(self, exc: PiAgentError) -> None:
+        """The turn ends with ``exc`` (for its log line)."""
+        self.log.failed(exc)
+
+    def note_done(self, prompt_tokens: int = 0) -> None:
+        """The turn has its whole answer (for its log line)."""
+        self._ended = "done"
+        self.log.prompt_tokens = prompt_tokens or self.log.prompt_tokens
+
+    def note_end(self, outcome: str) -> None:
+        """How a turn cut short ended, as its relay saw it: "disconnected", "cancelled"."""
+        self._ended = self._ended or outcome
 
     @property
     def steps(self) -> int:
@@ -249,7 +274,7 @@ class Turn:
         return fitted.call
 
     def record(self, answer: str, partial: bool, done_reason: str,
-               answer_tokens: int = 0) -> None:
+               answer_tokens: int = 0, prompt_tokens: int = 0) -> None:
         """Remember the answer with the user's message, and what the turn takes in a prompt
         (``answer_tokens``: the model's count of the answer, when known), in one write with
         the tokens counted so far (so count them first). Only an answer the model gave to a
@@ -262,6 +287,9 @@ class Turn:
         if self._loop is not None:
             answer = self._loop.answer  # not the text shown before a tool call
             answer_tokens = 0  # the loop's count is of every call
+        self.log.answer = answer
+        if not partial:
+            self.note_done(prompt_tokens)
         if self._keeping.memory is None or not answer or not self._remember:
             return
         self._keeping.remember(Remembered(
@@ -285,8 +313,10 @@ class Turn:
             if self.abort.requested:
                 raise TurnCancelled()
             if client_gone():
+                self.abort.request("client_gone")  # (for the turn's log line)
                 raise ClientGone()
         if turns.shutdown.begun:
+            self.abort.request("shutting_down")
             raise ServerShuttingDown()  # a turn that waited must not start now
         settings = turns.settings
         self.watch = TurnWatch(turns.watchdog, self.abort, self.client.gone, turns.shutdown,
@@ -345,7 +375,8 @@ class Turn:
         result = self._gather(self.streamer(), self.build_call(), watch)
         if self._loop is not None:
             result.content = self._loop.answer  # not the text shown before a tool call
-        self.record(result.content, False, result.done_reason, result.completion_tokens)
+        self.record(result.content, False, result.done_reason, result.completion_tokens,
+                    result.prompt_tokens)
         return result
 
     def _gather(self, streamer: Streamer, call: ChatCall, watch: TurnWatch) -> ChatChunk:
@@ -359,6 +390,8 @@ class Turn:
             stream = self._answer_only(streamer.stream_chat(call, self.abort), watch)
             for chunk in stream:
                 watch.last_chunk = time.monotonic()
+                if not gathered.chunks:
+                    self.note_first_token()
                 gathered.add(chunk)
             if gathered.last is None or not gathered.last.done:
                 raise UpstreamProtocolError()  # a stream ends with its done chunk
@@ -381,9 +414,11 @@ class Turn:
 
     def _why(self, exc: ProviderError) -> PiAgentError:
         """Why a provider call failed: for a call stopped from outside, the reason."""
+        why: PiAgentError = exc
         if self.abort.requested:
-            return STOPPED.get(self.abort.reason, TurnCancelled)()
-        return exc
+            why = STOPPED.get(self.abort.reason, TurnCancelled)()
+        self.note_failure(why)
+        return why
 
     def release(self) -> None:
         """Close the upstream call, stop watching and give the slot back, in that order."""
@@ -400,3 +435,16 @@ class Turn:
             self.abort.set_handler(None)  # the connection may go back to the pool
             self._turns.admission.leave(self.ticket)
             self._turns.running.remove(self.conversation_id, self._cancel)
+            self._write_log()
+
+    def _write_log(self) -> None:
+        """The turn's one line: how it ended, its times and tokens (turn_log.py)."""
+        stopped = STOPPED_OUTCOMES.get(self.abort.reason) if self.abort.requested else None
+        outcome = self._ended or stopped or ("failed" if self.log.error else "ended")
+        route = self.route.route or self.route.agent if self.route is not None else None
+        ticket = self.ticket
+        self.log.write(outcome, ticket.entered_at, ticket.admitted_at, {
+            "agent": self.agent or None, "route": route, "model": self.model or None,
+            "upstream": ticket.upstream if ticket.admitted else None,
+            "tool_calls": [call.name for call in self.tool_calls]},
+            self._remember if self._turns.settings.log_prompts else None)

@@ -8,6 +8,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from flask import g
+
 from ..core.prompt import Client
 
 
@@ -88,4 +90,5 @@ def client_probe(environ: dict[str, Any]) -> Callable[[], bool] | None:
 
 def client_of(environ: dict[str, Any]) -> Client:
     """The request's client as a turn sees it: a check that it left, a way to hang up."""
-    return Client(client_probe(environ), client_closer(environ))
+    # tracing.py keeps the request's id in g (read here, not imported: siblings).
+    return Client(client_probe(environ), client_closer(environ), str(g.get("request_id", "")))

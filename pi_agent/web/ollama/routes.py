@@ -169,6 +169,8 @@ def generate() -> Response:
     try:
         status, whole = turn.run(lambda abort: gather_whole(
             upstream, watch, turn.count_tokens, generate=request.path == "/api/generate"))
+        if status == 200:
+            turn.note_done()
     finally:
         turn.release()
     return Response(whole, status=status, content_type="application/json; charset=utf-8")
@@ -224,11 +226,14 @@ def _relay_lines(upstream: Forwarded, turn: Turn) -> Iterator[bytes]:
         for piece in upstream:
             pieces += 1
             watch.last_chunk = watch.last_write = time.monotonic()
+            if pieces == 1:
+                turn.note_first_token()
             # Ollama writes compact JSON, one object per piece: the last one says this,
             # with the count of tokens generated.
             if not finished and b'"done":true' in piece:
                 finished = True
                 count(_eval_count(piece))
+                turn.note_done()
             # A client that reads slowly holds the write up; that is not Ollama idling.
             watch.writing = True
             yield piece
@@ -239,6 +244,7 @@ def _relay_lines(upstream: Forwarded, turn: Turn) -> Iterator[bytes]:
             # The reply is whole when only the end of its body failed.
             return
         error = STOPPED[reason]() if reason in STOPPED else exc
+        turn.note_failure(error)
         yield OllamaErrorBody(error=error.description).model_dump_json().encode() + b"\n"
     finally:
         # A stream cut short counts as what it relayed: a line is about a token.

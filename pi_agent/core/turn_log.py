@@ -1,0 +1,76 @@
+"""The one line a turn writes when it ends: who, which agent, route, model and upstream, how
+it ended, how long it waited, took to its first token and took in all, and its tokens. The
+turn's paths note what they learn as they go (the first token once, the rest at the end):
+nothing is noted per token. With ``PI_AGENT_LOG_FORMAT=json`` the line is one JSON object
+(logformat.py), its fields as they are here.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import PiAgentError
+
+logger = logging.getLogger("pi_agent.turns")
+
+# How a turn stopped from outside ended, by the abort's reason.
+STOPPED_OUTCOMES = {"cancelled": "cancelled", "client_gone": "disconnected",
+                    "timeout": "timeout", "shutting_down": "shutting_down"}
+
+
+@dataclass
+class TurnLog:
+    """What is known of a turn so far; ``write`` logs it once."""
+
+    request_id: str
+    key_id: str
+    started: float = field(default_factory=time.monotonic)
+    first_token: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""  # the code of the error that ended it
+    answer: str = ""
+    written: bool = False
+
+    def saw_first_token(self) -> None:
+        if not self.first_token:
+            self.first_token = time.monotonic()
+
+    def failed(self, exc: PiAgentError) -> None:
+        self.error = self.error or exc.error_code
+
+    def write(self, outcome: str, queued_at: float, admitted_at: float,
+              fields: dict[str, Any], prompt: str | None) -> None:
+        """Log the line (once). ``queued_at``/``admitted_at``: when the turn entered and got
+        its slot (0: never); ``prompt``: the user's message, logged only when given (the
+        owner's PI_AGENT_LOG_PROMPTS), with the answer."""
+        if self.written:
+            return
+        self.written = True
+        now = time.monotonic()
+        line: dict[str, Any] = {
+            "request_id": self.request_id, "key_id": self.key_id, **fields,
+            "outcome": outcome, "error": self.error or None,
+            "queue_ms": _ms((admitted_at or now) - queued_at),
+            "first_token_ms": _ms(self.first_token - admitted_at)
+            if self.first_token and admitted_at else None,
+            "total_ms": _ms(now - self.started),
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+        }
+        if prompt is not None:
+            line["prompt"], line["reply"] = prompt, self.answer
+        logger.info("turn %s", " ".join(f"{key}={_plain(value)}" for key, value in line.items()
+                                        if key not in ("prompt", "reply")),
+                    extra={"fields": line})
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "-"
+    return "-" if value is None or value == "" else str(value)
