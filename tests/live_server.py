@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import requests
 
+from .processes import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 30
 
@@ -86,13 +88,7 @@ class Gunicorn:
                           r"Listening at: http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 15)
 
 
 def serving(log: Path, *args: str, **options: Any) -> AbstractContextManager[Gunicorn]:

@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .processes import stop_process
+
 STARTUP_SECONDS = 10
 
 
@@ -62,10 +64,5 @@ class RedisServer:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.thaw()
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -21,6 +21,7 @@ import requests
 from .conftest import unused_port
 from .fake_ollama import FakeOllama, Script
 from .live_server import ROOT, Gunicorn, RawStream, serving
+from .processes import stop_process
 from .test_security import create_key
 
 DEPLOY = ROOT / "deploy"
@@ -100,13 +101,7 @@ http {{
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         if self.process.stderr is not None:
             self.process.stderr.close()
 
