@@ -1,9 +1,9 @@
 # Pi Agent Server in a container: slim, not root, for arm64 (a Pi 4/5 with a 64-bit OS) and
 # amd64 alike (nothing here is built for one of them). With Ollama beside it: compose.yaml.
 #   docker build -t pi-agent .
-#   docker run -p 8000:8000 -v pi-agent-state:/var/lib/pi-agent \
-#       -v /etc/pi-agent/keys.json:/etc/pi-agent/keys.json:ro \
+#   docker run -p 8000:8000 -v pi-agent-state:/var/lib/pi-agent -v "$PWD/keys:/etc/pi-agent:ro" \
 #       -e PI_AGENT_OLLAMA_URL=http://ollama:11434 pi-agent
+# (keys/keys.json readable by all: it holds hashes only; docs/deployment.md, "In a container")
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -14,17 +14,23 @@ class JsonFormatter(logging.Formatter):
     adds its fields (turn_log.py) beside the message, an exception its text as "error"."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit the message
+            message = f"{record.msg} {record.args!r}"
+        line: dict[str, object] = {}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        # Set after the fields: a field never hides what every line has.
+        line.update({
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
                 timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            line.update(fields)
+            "message": message,
+        })
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return json.dumps(line, ensure_ascii=False, default=str, skipkeys=True)

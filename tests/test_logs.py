@@ -77,3 +77,24 @@ def test_prompts_and_replies_are_logged_only_when_asked(
     else:
         (turn,) = [line for line in log.read_text().splitlines() if "pi_agent.turns" in line]
         assert "outcome=done" in turn and "completion_tokens=4" in turn
+        assert 'prompt="what is a Pi?" reply="Hello, world!"' in turn
+
+
+def test_a_value_cannot_forge_a_field_or_a_line_and_relays_say_how_they_ended(
+    fake: FakeOllama, tmp_path: Path
+) -> None:
+    log = tmp_path / "server.log"
+    with serving(log, OLLAMA_URL=fake.url) as server:
+        refused = requests.post(server.url + "/api/chat", timeout=10, json={
+            "model": "nope x\nforged=1", "stream": False,
+            "messages": [{"role": "user", "content": "hi"}]})
+        assert refused.status_code == 404  # Ollama's own answer, relayed
+        relayed = requests.post(server.url + "/api/chat", timeout=10, json={
+            "model": "llama3.2:1b", "messages": [{"role": "user", "content": "hi"}]})
+        assert relayed.status_code == 200
+    turns = [line for line in log.read_text().splitlines() if "pi_agent.turns" in line]
+    assert not any(line.startswith("forged=") for line in log.read_text().splitlines())
+    first, second = turns
+    assert 'model="nope x\\nforged=1"' in first and "outcome=failed" in first
+    assert "error=upstream_status_404" in first
+    assert "outcome=done" in second and "completion_tokens=4" in second

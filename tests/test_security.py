@@ -98,9 +98,20 @@ def test_keys_are_shown_once_and_stored_as_hashes(
     assert all(re.fullmatch(r"[0-9a-f]{64}", k["hash"]) for k in stored)
     assert stored[1]["agents"] == ["coder"] and stored[1]["models"] == [MODEL]
     assert stat.S_IMODE(os.stat(keys.path).st_mode) == 0o600
+    # A file that a service's user reads through its group keeps its mode and group when
+    # a key is added or revoked (the file is replaced, so they are set again).
+    own = os.stat(keys.path).st_gid
+    # root may give it any group (1: daemon); another user, one of its own.
+    others = [g for g in ([1] if os.geteuid() == 0 else os.getgroups()) if g != own]
+    group = others[0] if others else own
+    os.chown(keys.path, -1, group)
+    keys.path.chmod(0o640)
+    create_key(keys.path, capsys, "--name", "later")
+    assert stat.S_IMODE(os.stat(keys.path).st_mode) == 0o640
+    assert os.stat(keys.path).st_gid == group
     assert cli(["keys", "--file", str(keys.path), "list"]) == 0
     listing = capsys.readouterr().out
-    assert len(listing.splitlines()) == 5 and "admin" in listing
+    assert len(listing.splitlines()) == 6 and "admin" in listing
     assert keys.all not in listing and stored[0]["hash"] not in listing
 
 

@@ -411,7 +411,8 @@ class EventRelay:
             # A turn cut short was generated all the same: it counts as what it relayed.
             self._turn.count_tokens(self._chunks)
         if outcome in ("disconnected", "cancelled"):
-            self._turn.note_end(outcome)
+            shut = isinstance(self.failure, ServerShuttingDown)
+            self._turn.note_end("shutting_down" if shut else outcome)
             self._turn.record("".join(self._pieces), True, "")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, TypeVar, cast
 
@@ -214,6 +215,14 @@ class Turn:
         self._ended = "done"
         self.log.prompt_tokens = prompt_tokens or self.log.prompt_tokens
 
+    def note_status(self, status: int) -> None:
+        """A relayed answer's status (the /api front): 200 is the whole answer relayed,
+        anything else the model server's refusal (for the log line)."""
+        if status != 200:
+            self.log.error = self.log.error or f"upstream_status_{status}"
+        elif not self._ended and not self.log.error:
+            self.note_done()
+
     def note_end(self, outcome: str) -> None:
         """How a turn cut short ended, as its relay saw it: "disconnected", "cancelled"."""
         self._ended = self._ended or outcome
@@ -245,7 +254,7 @@ class Turn:
         assert self.routing is not None
         provider = self._calls
         self.take_route(self.routing.decide(
-            lambda call: self._gather(provider, call, watch).content, self.abort))
+            lambda call: self._gather(provider, call, watch, noted=False).content, self.abort))
 
     @property
     def cancelled(self) -> bool:
@@ -347,13 +356,14 @@ class Turn:
 
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
         """
-        watch = self.begin()
-        if self.routing is not None:
-            self._route_direct(watch)
-        call, streamer = self.build_call(), self.streamer()
-        self._stream = self._answer_only(
-            self.run(lambda abort: streamer.stream_chat(call, abort)), watch)
-        self._upstream = self._stream
+        with self._noting_failure():
+            watch = self.begin()
+            if self.routing is not None:
+                self._route_direct(watch)
+            call, streamer = self.build_call(), self.streamer()
+            self._stream = self._answer_only(
+                self.run(lambda abort: streamer.stream_chat(call, abort)), watch)
+            self._upstream = self._stream
 
     def relay(self, encoder: Encoder) -> Iterator[bytes]:
         """The plain-text stream of ``start``'s reply, as ``encoder`` writes it (text.py)."""
@@ -369,17 +379,29 @@ class Turn:
 
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
         """
-        watch = self.begin()
-        if self.routing is not None:
-            self._route_direct(watch)
-        result = self._gather(self.streamer(), self.build_call(), watch)
+        with self._noting_failure():
+            watch = self.begin()
+            if self.routing is not None:
+                self._route_direct(watch)
+            result = self._gather(self.streamer(), self.build_call(), watch)
         if self._loop is not None:
             result.content = self._loop.answer  # not the text shown before a tool call
         self.record(result.content, False, result.done_reason, result.completion_tokens,
                     result.prompt_tokens)
         return result
 
-    def _gather(self, streamer: Streamer, call: ChatCall, watch: TurnWatch) -> ChatChunk:
+    @contextmanager
+    def _noting_failure(self) -> Iterator[None]:
+        """Note what ends the turn before its answer (a store that is down, a route that
+        cannot answer) for its log line, as the provider's failures are."""
+        try:
+            yield
+        except PiAgentError as exc:
+            self.note_failure(exc)
+            raise
+
+    def _gather(self, streamer: Streamer, call: ChatCall, watch: TurnWatch,
+                noted: bool = True) -> ChatChunk:
         """One call's reply, gathered whole; its tokens counted, also of a reply cut short.
 
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
@@ -390,14 +412,14 @@ class Turn:
             stream = self._answer_only(streamer.stream_chat(call, self.abort), watch)
             for chunk in stream:
                 watch.last_chunk = time.monotonic()
-                if not gathered.chunks:
+                if noted and not gathered.chunks:  # not a router's classifier call
                     self.note_first_token()
                 gathered.add(chunk)
             if gathered.last is None or not gathered.last.done:
                 raise UpstreamProtocolError()  # a stream ends with its done chunk
         except ProviderError as exc:
             self.count_tokens(gathered.chunks)  # cut short, it counts as what it received
-            raise self._why(exc) from None
+            raise self._why(exc, noted) from None
         finally:
             if stream is not None:
                 stream.close()
@@ -412,12 +434,14 @@ class Turn:
             return AnswerOnly(stream, watch.seen)
         return cast(ChatStream, stream)  # the provider's, or a fixed reply's
 
-    def _why(self, exc: ProviderError) -> PiAgentError:
-        """Why a provider call failed: for a call stopped from outside, the reason."""
+    def _why(self, exc: ProviderError, noted: bool = True) -> PiAgentError:
+        """Why a provider call failed: for a call stopped from outside, the reason (noted
+        for the log line, unless it is a router's classifier call, which has a fallback)."""
         why: PiAgentError = exc
         if self.abort.requested:
             why = STOPPED.get(self.abort.reason, TurnCancelled)()
-        self.note_failure(why)
+        if noted:
+            self.note_failure(why)
         return why
 
     def release(self) -> None:

@@ -6,7 +6,9 @@ nothing is noted per token. With ``PI_AGENT_LOG_FORMAT=json`` the line is one JS
 """
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,10 @@ logger = logging.getLogger("pi_agent.turns")
 # How a turn stopped from outside ended, by the abort's reason.
 STOPPED_OUTCOMES = {"cancelled": "cancelled", "client_gone": "disconnected",
                     "timeout": "timeout", "shutting_down": "shutting_down"}
+# A turn that failed so timed out (the event stream's own deadlines).
+TIMEOUT_ERRORS = {"upstream_timeout"}
+# A value in the text form is quoted when it holds what could pass for another field or line.
+PLAIN = re.compile(r"[^\s=\"]{1,200}")
 
 
 @dataclass
@@ -49,6 +55,8 @@ class TurnLog:
         if self.written:
             return
         self.written = True
+        if outcome == "failed" and self.error in TIMEOUT_ERRORS:
+            outcome = "timeout"
         now = time.monotonic()
         line: dict[str, Any] = {
             "request_id": self.request_id, "key_id": self.key_id, **fields,
@@ -61,8 +69,7 @@ class TurnLog:
         }
         if prompt is not None:
             line["prompt"], line["reply"] = prompt, self.answer
-        logger.info("turn %s", " ".join(f"{key}={_plain(value)}" for key, value in line.items()
-                                        if key not in ("prompt", "reply")),
+        logger.info("turn %s", " ".join(f"{key}={_plain(value)}" for key, value in line.items()),
                     extra={"fields": line})
 
 
@@ -71,6 +78,11 @@ def _ms(seconds: float) -> int:
 
 
 def _plain(value: Any) -> str:
+    """A value as the text form writes it: bare when it is plain, else quoted as JSON, so
+    that a model's name or a prompt cannot forge a field or a line."""
     if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value)) or "-"
-    return "-" if value is None or value == "" else str(value)
+        value = ",".join(map(str, value))
+    if value is None or value == "":
+        return "-"
+    text = str(value)
+    return text if PLAIN.fullmatch(text) else json.dumps(text, ensure_ascii=False)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 import time
@@ -132,18 +133,25 @@ def locked(path: str) -> Iterator[None]:
 
 
 def write_keys(path: str, keys: list[ApiKey]) -> None:
-    """Replace the file at once (a reader sees the old file or the new one, never half),
-    readable by its owner only."""
+    """Replace the file at once (a reader sees the old file or the new one, never half).
+    A new file is readable by its owner only; a file that is there keeps its mode and group
+    (a service's user reads it through its group: docs/deployment.md)."""
     body = json.dumps({"version": FORMAT_VERSION, "keys": [k.to_json() for k in keys]},
                       indent=2) + "\n"
     folder = os.path.dirname(os.path.abspath(path))
+    try:
+        before: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        before = None
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".keys-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(body)
             f.flush()
+            if before is not None and before.st_gid != os.fstat(f.fileno()).st_gid:
+                os.fchown(f.fileno(), -1, before.st_gid)
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, stat.S_IMODE(before.st_mode) if before is not None else 0o600)
         os.replace(tmp, path)
     except BaseException:
         try:

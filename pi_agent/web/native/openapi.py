@@ -66,14 +66,18 @@ def build_document() -> dict[str, Any]:
         schemas.ChatRequest)}}}
     conversation = {"name": "conversation_id", "in": "path", "required": True,
                     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}}
-    events = {"oneOf": [_event_schema(name, model) for name, model in schemas.EVENTS.items()]}
+    # NDJSON's heartbeat too (SSE's is a comment, which no schema shows).
+    ping = {"title": "ping event", "type": "object",
+            "properties": {"event": {"const": "ping"}}, "required": ["event"]}
+    events = {"oneOf": [*(_event_schema(name, model) for name, model in schemas.EVENTS.items()),
+                        ping]}
     paths = {
-        "/health": {"get": _operation(
+        "/health": {"get": {**_operation(
             "Liveness: the server answers (it never calls Ollama)", schemas.Health,
-            errors=())},
+            errors=()), "security": []}},
         "/ready": {"get": _operation(
             "Readiness: an Ollama answers and has the model; each upstream's state",
-            schemas.Readiness, errors=("503",))},
+            schemas.Readiness, errors=("401", "403", "503"))},
         "/agents": {"get": _operation("The agents' names", schemas.AgentList)},
         "/agents/{name}": {"get": {**_operation("One agent", schemas.AgentInfo,
                                                 errors=("401", "403", "404")),

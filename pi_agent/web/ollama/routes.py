@@ -169,8 +169,7 @@ def generate() -> Response:
     try:
         status, whole = turn.run(lambda abort: gather_whole(
             upstream, watch, turn.count_tokens, generate=request.path == "/api/generate"))
-        if status == 200:
-            turn.note_done()
+        turn.note_status(status)
     finally:
         turn.release()
     return Response(whole, status=status, content_type="application/json; charset=utf-8")
@@ -226,7 +225,7 @@ def _relay_lines(upstream: Forwarded, turn: Turn) -> Iterator[bytes]:
         for piece in upstream:
             pieces += 1
             watch.last_chunk = watch.last_write = time.monotonic()
-            if pieces == 1:
+            if pieces == 1 and upstream.status == 200:
                 turn.note_first_token()
             # Ollama writes compact JSON, one object per piece: the last one says this,
             # with the count of tokens generated.
@@ -238,6 +237,9 @@ def _relay_lines(upstream: Forwarded, turn: Turn) -> Iterator[bytes]:
             watch.writing = True
             yield piece
             watch.writing = False
+    except GeneratorExit:  # the client left: its write failed
+        turn.note_end("disconnected")
+        raise
     except ProviderError as exc:
         reason = watch.abort.reason if watch.abort.requested else ""
         if reason == "client_gone" or finished:
@@ -250,6 +252,7 @@ def _relay_lines(upstream: Forwarded, turn: Turn) -> Iterator[bytes]:
         # A stream cut short counts as what it relayed: a line is about a token.
         if not finished and upstream.status == 200:
             count(pieces)
+        turn.note_status(upstream.status)
         turn.release()  # now, not when the WSGI server closes the body
 
 
