@@ -62,6 +62,28 @@ def build_document() -> dict[str, Any]:
     request_schema = schemas.ChatRequest.model_json_schema(ref_template=REF, mode="validation")
     components.update(request_schema.pop("$defs", {}))
     components["ChatRequest"] = request_schema
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Pi Agent Server", "version": __version__,
+                 "description": "The native API. The OpenAI-compatible /v1 and the "
+                                "Ollama-compatible /api fronts follow their own APIs "
+                                "(docs/compatibility.md)."},
+        "paths": _paths(),
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+        },
+        # With a key file, every route but /health, /openapi.json and /docs needs a key;
+        # without one, none does (and only this machine is served).
+        "security": [{"apiKey": []}, {"bearer": []}, {}],
+    }
+
+
+def _paths() -> dict[str, Any]:
+    """Each native route: its answers' models, its errors, its event stream."""
     chat_body = {"required": True, "content": {"application/json": {"schema": _ref(
         schemas.ChatRequest)}}}
     conversation = {"name": "conversation_id", "in": "path", "required": True,
@@ -71,7 +93,7 @@ def build_document() -> dict[str, Any]:
             "properties": {"event": {"const": "ping"}}, "required": ["event"]}
     events = {"oneOf": [*(_event_schema(name, model) for name, model in schemas.EVENTS.items()),
                         ping]}
-    paths = {
+    return {
         "/health": {"get": {**_operation(
             "Liveness: the server answers (it never calls Ollama)", schemas.Health,
             errors=()), "security": []}},
@@ -114,24 +136,6 @@ def build_document() -> dict[str, Any]:
             "delete": {**_operation("Forget a conversation", schemas.Forgotten,
                                     errors=("401", "404", "503")),
                        "parameters": [conversation]}},
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Pi Agent Server", "version": __version__,
-                 "description": "The native API. The OpenAI-compatible /v1 and the "
-                                "Ollama-compatible /api fronts follow their own APIs "
-                                "(docs/compatibility.md)."},
-        "paths": paths,
-        "components": {
-            "schemas": components,
-            "securitySchemes": {
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-                "bearer": {"type": "http", "scheme": "bearer"},
-            },
-        },
-        # With a key file, every route but /health, /openapi.json and /docs needs a key;
-        # without one, none does (and only this machine is served).
-        "security": [{"apiKey": []}, {"bearer": []}, {}],
     }
 
 
