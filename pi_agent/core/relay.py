@@ -51,6 +51,7 @@ from .knowledge import Source
 from .lifecycle import Shutdown
 from .router import Decision, Routing
 from .steps import ToolLoop
+from .turn_log import TurnLog
 from .watch import Watchdog, WriteWatch
 
 logger = logging.getLogger(__name__)
@@ -113,11 +114,7 @@ class RelayedTurn(Protocol):
     @property
     def tries(self) -> int: ...
 
-    def note_first_token(self) -> None: ...
-
-    def note_failure(self, exc: PiAgentError) -> None: ...
-
-    def note_end(self, outcome: str) -> None: ...
+    log: TurnLog  # its log line's notes
 
     @property
     def upstream(self) -> str: ...
@@ -345,7 +342,7 @@ class EventRelay:
     def _chunk(self, chunk: ChatChunk, now: float) -> bytes | None:
         if self._first_token_ms is None:
             self._first_token_ms = _ms(now - self._began)
-            self._turn.note_first_token()
+            self._turn.log.saw_first_token()
         self._deadline = now + self._timeouts.idle
         self._chunks += 1
         if chunk.content:
@@ -398,7 +395,7 @@ class EventRelay:
 
     def _fail(self, exc: PiAgentError) -> bytes:
         self.failure = exc
-        self._turn.note_failure(exc)
+        self._turn.log.failed(exc)
         self._phase = _ENDED
         return self._encode(Failed(exc))
 
@@ -412,7 +409,7 @@ class EventRelay:
             self._turn.count_tokens(self._chunks)
         if outcome in ("disconnected", "cancelled"):
             shut = isinstance(self.failure, ServerShuttingDown)
-            self._turn.note_end("shutting_down" if shut else outcome)
+            self._turn.log.cut_short("shutting_down" if shut else outcome)
             self._turn.record("".join(self._pieces), True, "")
 
 

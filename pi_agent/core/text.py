@@ -12,6 +12,7 @@ from typing import Protocol
 from ..errors import PiAgentError, ProviderError, ServerShuttingDown, TurnCancelled
 from ..providers.base import Abort, ChatChunk, ChatStream
 from .events import Done, Encoder, Failed
+from .turn_log import TurnLog
 from .watch import STOPPED, TurnWatch
 
 logger = logging.getLogger(__name__)
@@ -28,11 +29,7 @@ class TextTurn(Protocol):
 
     def count_tokens(self, tokens: int) -> None: ...
 
-    def note_first_token(self) -> None: ...
-
-    def note_failure(self, exc: PiAgentError) -> None: ...
-
-    def note_end(self, outcome: str) -> None: ...
+    log: TurnLog  # its log line's notes
 
     def release(self) -> None: ...
 
@@ -53,7 +50,7 @@ def relay_text(turn: TextTurn, stream: ChatStream, watch: TurnWatch,
             chunks += 1
             watch.last_chunk = now = time.monotonic()
             if last is None:
-                turn.note_first_token()
+                turn.log.saw_first_token()
             last = chunk
             if chunk.content:
                 pieces.append(chunk.content)
@@ -70,12 +67,12 @@ def relay_text(turn: TextTurn, stream: ChatStream, watch: TurnWatch,
         failed = failure is not None and not isinstance(
             failure, (TurnCancelled, ServerShuttingDown))
         if failure is not None:
-            turn.note_failure(failure)
+            turn.log.failed(failure)
             yield encode(Failed(failure))
         else:
-            turn.note_end("disconnected")
+            turn.log.cut_short("disconnected")
     except GeneratorExit:  # the client left: its write failed
-        turn.note_end("disconnected")
+        turn.log.cut_short("disconnected")
         raise
     finally:
         _close(turn, pieces, chunks, last, failed)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal, TypeVar, cast
 
@@ -47,7 +46,7 @@ from .agents import Agent
 from .context import turn_tokens
 from .failover import Failover
 from .keeping import Keeping
-from .turn_log import STOPPED_OUTCOMES, TurnLog
+from .turn_log import TurnLog
 from .events import Encoder, Event, ToolAnswered
 from .generation import Gathered, Reply, Streamer
 from .knowledge import Library, Source
@@ -132,7 +131,6 @@ class Turn:
         self._model = model
         # Its line in the log when it ends (turn_log.py).
         self.log = TurnLog(client.request_id, key.id)
-        self._ended = ""  # "done" once it has its whole answer; how it was cut short
         self._remember = remember or ""
         self._loop: ToolLoop | None = None  # an agent with tools: the gateway runs them
         self.ticket = turns.admission.enter(
@@ -201,31 +199,6 @@ class Turn:
     def _spend(self, tokens: int) -> None:
         self.log.completion_tokens += tokens
         self._keeping.spend(tokens)
-
-    def note_first_token(self) -> None:
-        """The model's first chunk came (for the turn's log line)."""
-        self.log.saw_first_token()
-
-    def note_failure(self, exc: PiAgentError) -> None:
-        """The turn ends with ``exc`` (for its log line)."""
-        self.log.failed(exc)
-
-    def note_done(self, prompt_tokens: int = 0) -> None:
-        """The turn has its whole answer (for its log line)."""
-        self._ended = "done"
-        self.log.prompt_tokens = prompt_tokens or self.log.prompt_tokens
-
-    def note_status(self, status: int) -> None:
-        """A relayed answer's status (the /api front): 200 is the whole answer relayed,
-        anything else the model server's refusal (for the log line)."""
-        if status != 200:
-            self.log.error = self.log.error or f"upstream_status_{status}"
-        elif not self._ended and not self.log.error:
-            self.note_done()
-
-    def note_end(self, outcome: str) -> None:
-        """How a turn cut short ended, as its relay saw it: "disconnected", "cancelled"."""
-        self._ended = self._ended or outcome
 
     @property
     def steps(self) -> int:
@@ -298,7 +271,7 @@ class Turn:
             answer_tokens = 0  # the loop's count is of every call
         self.log.answer = answer
         if not partial:
-            self.note_done(prompt_tokens)
+            self.log.done(prompt_tokens)
         if self._keeping.memory is None or not answer or not self._remember:
             return
         self._keeping.remember(Remembered(
@@ -356,7 +329,7 @@ class Turn:
 
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
         """
-        with self._noting_failure():
+        with self.log.noting_failure():
             watch = self.begin()
             if self.routing is not None:
                 self._route_direct(watch)
@@ -379,7 +352,7 @@ class Turn:
 
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
         """
-        with self._noting_failure():
+        with self.log.noting_failure():
             watch = self.begin()
             if self.routing is not None:
                 self._route_direct(watch)
@@ -389,16 +362,6 @@ class Turn:
         self.record(result.content, False, result.done_reason, result.completion_tokens,
                     result.prompt_tokens)
         return result
-
-    @contextmanager
-    def _noting_failure(self) -> Iterator[None]:
-        """Note what ends the turn before its answer (a store that is down, a route that
-        cannot answer) for its log line, as the provider's failures are."""
-        try:
-            yield
-        except PiAgentError as exc:
-            self.note_failure(exc)
-            raise
 
     def _gather(self, streamer: Streamer, call: ChatCall, watch: TurnWatch,
                 noted: bool = True) -> ChatChunk:
@@ -413,7 +376,7 @@ class Turn:
             for chunk in stream:
                 watch.last_chunk = time.monotonic()
                 if noted and not gathered.chunks:  # not a router's classifier call
-                    self.note_first_token()
+                    self.log.saw_first_token()
                 gathered.add(chunk)
             if gathered.last is None or not gathered.last.done:
                 raise UpstreamProtocolError()  # a stream ends with its done chunk
@@ -441,7 +404,7 @@ class Turn:
         if self.abort.requested:
             why = STOPPED.get(self.abort.reason, TurnCancelled)()
         if noted:
-            self.note_failure(why)
+            self.log.failed(why)
         return why
 
     def release(self) -> None:
@@ -463,8 +426,7 @@ class Turn:
 
     def _write_log(self) -> None:
         """The turn's one line: how it ended, its times and tokens (turn_log.py)."""
-        stopped = STOPPED_OUTCOMES.get(self.abort.reason) if self.abort.requested else None
-        outcome = self._ended or stopped or ("failed" if self.log.error else "ended")
+        outcome = self.log.outcome(self.abort.reason if self.abort.requested else "")
         route = self.route.route or self.route.agent if self.route is not None else None
         ticket = self.ticket
         self.log.write(outcome, ticket.entered_at, ticket.admitted_at, {

@@ -10,6 +10,8 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,14 +40,49 @@ class TurnLog:
     completion_tokens: int = 0
     error: str = ""  # the code of the error that ended it
     answer: str = ""
+    ended: str = ""  # "done" once it has its whole answer; else how it was cut short
     written: bool = False
 
     def saw_first_token(self) -> None:
+        """The model's first chunk came."""
         if not self.first_token:
             self.first_token = time.monotonic()
 
     def failed(self, exc: PiAgentError) -> None:
+        """The turn ends with ``exc`` (the first one noted is the cause)."""
         self.error = self.error or exc.error_code
+
+    def done(self, prompt_tokens: int = 0) -> None:
+        """The turn has its whole answer."""
+        self.ended = "done"
+        self.prompt_tokens = prompt_tokens or self.prompt_tokens
+
+    def relayed(self, status: int) -> None:
+        """A relayed answer's status (the /api front): 200 is the whole answer relayed,
+        anything else the model server's refusal."""
+        if status != 200:
+            self.error = self.error or f"upstream_status_{status}"
+        elif not self.ended and not self.error:
+            self.done()
+
+    def cut_short(self, outcome: str) -> None:
+        """How a turn cut short ended, as its relay saw it: "disconnected", "cancelled"."""
+        self.ended = self.ended or outcome
+
+    @contextmanager
+    def noting_failure(self) -> Iterator[None]:
+        """Note what ends the turn before its answer (a store that is down, a route that
+        cannot answer), as the provider's failures are."""
+        try:
+            yield
+        except PiAgentError as exc:
+            self.failed(exc)
+            raise
+
+    def outcome(self, stopped: str) -> str:
+        """How it ended; ``stopped``: the reason a stop from outside gave ("" if none)."""
+        return self.ended or STOPPED_OUTCOMES.get(stopped) or (
+            "failed" if self.error else "ended")
 
     def write(self, outcome: str, queued_at: float, admitted_at: float,
               fields: dict[str, Any], prompt: str | None) -> None:

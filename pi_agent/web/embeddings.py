@@ -41,7 +41,7 @@ def fetch_embeddings(turns: Turns, path: str, data: bytes, model: str, key: ApiK
         watch = turn.begin()
         upstream = turn.forward("POST", path, data, wait="whole")
         body = turn.run(lambda abort: _read(upstream, watch))
-        turn.note_status(upstream.status)
+        turn.log.relayed(upstream.status)
     finally:
         turn.release()
     return Answer(upstream.status, upstream.content_type, body)

@@ -169,7 +169,7 @@ def generate() -> Response:
     try:
         status, whole = turn.run(lambda abort: gather_whole(
             upstream, watch, turn.count_tokens, generate=request.path == "/api/generate"))
-        turn.note_status(status)
+        turn.log.relayed(status)
     finally:
         turn.release()
     return Response(whole, status=status, content_type="application/json; charset=utf-8")
@@ -226,19 +226,19 @@ def _relay_lines(upstream: Forwarded, turn: Turn) -> Iterator[bytes]:
             pieces += 1
             watch.last_chunk = watch.last_write = time.monotonic()
             if pieces == 1 and upstream.status == 200:
-                turn.note_first_token()
+                turn.log.saw_first_token()
             # Ollama writes compact JSON, one object per piece: the last one says this,
             # with the count of tokens generated.
             if not finished and b'"done":true' in piece:
                 finished = True
                 count(_eval_count(piece))
-                turn.note_done()
+                turn.log.done()
             # A client that reads slowly holds the write up; that is not Ollama idling.
             watch.writing = True
             yield piece
             watch.writing = False
     except GeneratorExit:  # the client left: its write failed
-        turn.note_end("disconnected")
+        turn.log.cut_short("disconnected")
         raise
     except ProviderError as exc:
         reason = watch.abort.reason if watch.abort.requested else ""
@@ -246,13 +246,13 @@ def _relay_lines(upstream: Forwarded, turn: Turn) -> Iterator[bytes]:
             # The reply is whole when only the end of its body failed.
             return
         error = STOPPED[reason]() if reason in STOPPED else exc
-        turn.note_failure(error)
+        turn.log.failed(error)
         yield OllamaErrorBody(error=error.description).model_dump_json().encode() + b"\n"
     finally:
         # A stream cut short counts as what it relayed: a line is about a token.
         if not finished and upstream.status == 200:
             count(pieces)
-        turn.note_status(upstream.status)
+        turn.log.relayed(upstream.status)
         turn.release()  # now, not when the WSGI server closes the body
 
 
