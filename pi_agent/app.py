@@ -35,7 +35,7 @@ from .state import EXTENSION_KEY, AppState
 from .stores.sqlite import SqliteStore
 from .stores.sqlite_file import StoreFileError, state_file
 from .stores.threads import OneThread, PlainThread
-from .web import auth, errors, framing, tracing
+from .web import auth, errors, framing, page, tracing
 from .web.native import agents, chat, conversations, health, openapi
 from .web.native.errors import render_error
 from .web.ollama import errors as ollama_errors
@@ -70,6 +70,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                           (ollama_errors.owns, ollama_errors.render_error)], render_error)
     tracing.init_app(app)
     framing.init_app(app)
+    page.init_app(app)  # before auth: a browser at / is sent to the page, key or not
     auth.init_app(app)
     if settings.cors_origins:
         _allow_origins(app, settings.cors_origins)

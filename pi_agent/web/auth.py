@@ -37,9 +37,10 @@ def init_app(app: Flask) -> None:
     app.after_request(add_limit_headers)
 
 
-# Answered to anyone, with or without a key: liveness, and the API's description.
-PUBLIC = ("/health", "/openapi.json", "/docs")
-PUBLIC_FOLDER = "/docs/"
+# Answered to anyone, with or without a key: liveness, the API's description, and the chat
+# page's own files (the page asks for a key when the API wants one).
+PUBLIC = ("/health", "/openapi.json", "/docs", "/ui")
+PUBLIC_FOLDERS = ("/docs/", "/ui/")
 
 
 def authenticate() -> None:
@@ -49,7 +50,7 @@ def authenticate() -> None:
     :raise LocalOnly: 403 in local mode for a client on another machine.
     """
     if request.method == "OPTIONS" or request.path in PUBLIC or request.path.startswith(
-            PUBLIC_FOLDER):
+            PUBLIC_FOLDERS):
         return
     state = current_state()
     if state.keys is None:
