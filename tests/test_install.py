@@ -62,6 +62,22 @@ def test_installs_without_test_tools(installed: tuple[Path, Path]) -> None:
     assert found.stdout.split() == ["False", "True", "True"]
 
 
+def test_installs_the_files_beside_the_code(installed: tuple[Path, Path]) -> None:
+    """Package data (the chat page, the built-in agents, the Redis scripts) is installed,
+    not only in the checkout: looked at from outside it."""
+    python, checkout = installed
+    found = subprocess.run(
+        [str(python), "-c", "import pi_agent, pathlib; root = pathlib.Path(pi_agent.__file__)"
+         ".parent; print(root); print(*sorted(str(p.relative_to(root)) for p in root.rglob('*')"
+         " if p.suffix in ('.html', '.js', '.css', '.toml', '.lua')))"],
+        check=True, capture_output=True, text=True, timeout=60, cwd=checkout.parent,
+    )
+    root, files = found.stdout.splitlines()
+    assert not Path(root).is_relative_to(checkout)
+    assert files.split() == ["core/agents.toml", "stores/redis.lua", "web/page/static/index.html",
+                             "web/page/static/page.css", "web/page/static/page.js"]
+
+
 def test_serves_health_and_a_chat(installed: tuple[Path, Path], fake_ollama: FakeOllama,
                                   tmp_path: Path) -> None:
     python, checkout = installed
@@ -71,6 +87,9 @@ def test_serves_health_and_a_chat(installed: tuple[Path, Path], fake_ollama: Fak
         reply = requests.post(server.url + "/chat", json={"message": "hello"}, timeout=30)
         assert reply.status_code == 200, reply.text
         assert reply.json()["reply"] == "Hello, world!"
+        for name in ("", "page.js", "page.css"):
+            served = requests.get(f"{server.url}/ui/{name}", timeout=10)
+            assert served.status_code == 200 and len(served.content) > 1000, name
         log = server.log.read_text()
     assert "Using worker: pi_agent.worker.GeventWorker" in log
     assert "Booting worker" in log and "Worker failed to boot" not in log
