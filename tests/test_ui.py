@@ -411,3 +411,14 @@ def test_the_key_prompt_appears_on_401_and_works(
             expect(form).to_be_hidden()
         finally:
             context.close()
+
+
+def test_an_error_event_is_shown_in_words(page: Page, server: Gunicorn, fake: FakeOllama) -> None:
+    fake.script = Script(status=500)
+    page.goto(server.url + "/ui/")
+    send(page, "hello")
+    expect(last_note(page)).to_have_text("The model server failed while answering. Try again.",
+                                         timeout=WAIT_MS)
+    expect(last_note(page)).to_have_class("note error")
+    expect(last_reply(page)).to_have_text("")
+    expect(page.locator("#send")).to_be_enabled()
