@@ -98,3 +98,23 @@ def test_a_value_cannot_forge_a_field_or_a_line_and_relays_say_how_they_ended(
     assert 'model="nope x\\nforged=1"' in first and "outcome=failed" in first
     assert "error=upstream_status_404" in first
     assert "outcome=done" in second and "completion_tokens=4" in second
+    assert "prompt_tokens=12" in second and "first_token_ms=-" not in second
+
+
+def test_a_whole_api_reply_logs_its_first_token_and_prompt(
+    fake: FakeOllama, tmp_path: Path
+) -> None:
+    log = tmp_path / "server.log"
+    fake.script = Script(first_token_delay=0.3)
+    with serving(log, OLLAMA_URL=fake.url, LOG_FORMAT="json") as server:
+        for path, body in (("/api/chat", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/api/generate", {"prompt": "hi"})):
+            whole = requests.post(server.url + path, timeout=10, json={
+                "model": "llama3.2:1b", "stream": False, **body})
+            assert whole.status_code == 200, whole.text
+    turns = _turns(_lines(log))
+    assert [turn["model"] for turn in turns] == ["llama3.2:1b"] * 2
+    for turn in turns:
+        assert turn["outcome"] == "done"
+        assert (turn["prompt_tokens"], turn["completion_tokens"]) == (12, 4)
+        assert 300 <= turn["first_token_ms"] <= turn["total_ms"]

@@ -168,7 +168,8 @@ def generate() -> Response:
                                headers={"X-Accel-Buffering": "no"})
     try:
         status, whole = turn.run(lambda abort: gather_whole(
-            upstream, watch, turn.count_tokens, generate=request.path == "/api/generate"))
+            upstream, watch, turn.count_tokens, turn.log,
+            generate=request.path == "/api/generate"))
         turn.log.relayed(status)
     finally:
         turn.release()
@@ -231,8 +232,9 @@ def _relay_lines(upstream: Forwarded, turn: Turn) -> Iterator[bytes]:
             # with the count of tokens generated.
             if not finished and b'"done":true' in piece:
                 finished = True
-                count(_eval_count(piece))
-                turn.log.done()
+                completion, prompt = _counts(piece)
+                count(completion)
+                turn.log.done(prompt)
             # A client that reads slowly holds the write up; that is not Ollama idling.
             watch.writing = True
             yield piece
@@ -340,12 +342,15 @@ def _upstream_body(body: GenerationRequest | EmbedRequest, settings: Settings
     return payload
 
 
-def _eval_count(piece: bytes) -> int:
+def _counts(piece: bytes) -> tuple[int, int]:
+    """The completion and prompt tokens Ollama's last chunk counts (0 for what it lacks)."""
     try:
-        count = json.loads(piece).get("eval_count", 0)
+        last = json.loads(piece)
+        found = last.get("eval_count", 0), last.get("prompt_eval_count", 0)
     except (ValueError, AttributeError, RecursionError):
-        return 0
-    return count if isinstance(count, int) else 0
+        return 0, 0
+    completion, prompt = (count if isinstance(count, int) else 0 for count in found)
+    return completion, prompt
 
 
 def _given(body: BaseModel) -> dict[str, Any]:

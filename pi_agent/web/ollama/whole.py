@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ...core.turn_log import TurnLog
 from ...core.watch import TurnWatch
 from ...errors import ProviderError, UpstreamProtocolError
 from ...providers.base import Forwarded
@@ -27,10 +28,11 @@ ERROR_STATUS = 500
 
 
 def gather_whole(upstream: Forwarded, watch: TurnWatch, count: Callable[[int], None],
-                 generate: bool) -> tuple[int, bytes]:
+                 noted: TurnLog, generate: bool) -> tuple[int, bytes]:
     """Read a streamed ``/api/chat`` (or, with ``generate``, ``/api/generate``) answer to its
     end; return the status and body Ollama gives to ``"stream": false``. ``count`` gets the
-    completion tokens, or the lines received of a reply cut short.
+    completion tokens, or the lines received of a reply cut short; ``noted`` (the turn's
+    log line) the first line's time and the prompt's tokens.
 
     :raise ProviderError: the stream failed or was stopped before its end.
     """
@@ -43,6 +45,8 @@ def gather_whole(upstream: Forwarded, watch: TurnWatch, count: Callable[[int], N
     try:
         for line in _lines(upstream, watch):
             lines += 1
+            if lines == 1:
+                noted.saw_first_token()
             chunk = _object(line)
             if "error" in chunk:
                 return ERROR_STATUS, _go_json({"error": chunk["error"]})
@@ -56,6 +60,8 @@ def gather_whole(upstream: Forwarded, watch: TurnWatch, count: Callable[[int], N
                 _merge(part, "response" if generate else "content", text, thinking, tool_calls)
                 eval_count = chunk.get("eval_count")
                 count(eval_count if isinstance(eval_count, int) else lines)
+                prompt_count = chunk.get("prompt_eval_count")
+                noted.done(prompt_count if isinstance(prompt_count, int) else 0)
                 return 200, _go_json(chunk)
         logger.warning("ollama stream ended before done:true")
         raise UpstreamProtocolError()
