@@ -134,10 +134,16 @@ def test_a_browser_at_the_root_is_sent_to_the_page_and_ollama_clients_are_not(
         "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"})
     assert browser_like.status_code == 302
     assert browser_like.headers["Location"].endswith("/ui/")
-    for accept in ("*/*", None, "application/json"):
+    assert browser_like.headers["Vary"] == "Accept"
+    for accept in ("TEXT/HTML", "text/html; charset=utf-8", "application/json, text/html;q=0.1"):
+        named = requests.get(server.url + "/", allow_redirects=False, timeout=10,
+                             headers={"Accept": accept})
+        assert named.status_code == 302, accept
+    for accept in ("*/*", None, "application/json", "text/*", "text/html;q=0"):
         heartbeat = requests.get(server.url + "/", allow_redirects=False, timeout=10,
                                  headers={"Accept": accept} if accept else {})
-        assert (heartbeat.status_code, heartbeat.text) == (200, "Ollama is running")
+        assert (heartbeat.status_code, heartbeat.text) == (200, "Ollama is running"), accept
+        assert heartbeat.headers["Vary"] == "Accept"
     head = requests.head(server.url + "/", timeout=10, headers={"Accept": "text/html"})
     assert head.status_code == 200
     page = requests.get(server.url + "/ui/", timeout=10)
@@ -212,9 +218,14 @@ def test_stop_cancels_the_turn_and_keeps_the_partial_answer_across_a_reload(
     page.goto(server.url + "/ui/")
     send(page, "tell me a long story")
     expect(last_reply(page)).to_contain_text("w2", timeout=WAIT_MS)
-    page.locator("#stop").click()
+    with page.expect_response(re.compile(r"/chat/[^/]+/cancel$")) as cancel:
+        page.locator("#stop").click()
+    # The cancel itself worked (a hang-up, the page's fallback, would keep a partial answer
+    # too), and the stream ended with its "cancelled" event: a note that is no error.
+    assert cancel.value.status == 200 and cancel.value.json()["status"] == "cancelling"
     assert fake.client_closed.wait(5)  # the model's connection closed: it stops generating
     expect(last_note(page)).to_have_text("Stopped.")
+    expect(last_note(page)).to_have_class("note")
     expect(page.locator("#stop")).to_be_hidden()
     shown = last_reply(page).inner_text()
     assert shown.startswith("w0 w1 w2") and "w39" not in shown
@@ -265,15 +276,23 @@ def test_tool_calls_and_sources_are_shown(
 ) -> None:
     page.goto(server.url + "/ui/")
     page.locator("#agent").select_option("pi")
-    fake.steps.extend([asks(call("calculator", "c1", expression="6 * 7")), ANSWER])
+    html = "<img src=x onerror=\"window.pwned='tool'\">"
+    fake.steps.extend([asks(call("calculator", "c1", expression="6 * 7"),
+                            call("calculator", "c2", expression=html)), ANSWER])
     send(page, "what is 6 * 7?")
     expect(last_reply(page)).to_have_text("The answer is 42.", timeout=WAIT_MS)
-    row = page.locator(".tools details").last
+    row, failed = page.locator(".tools details").all()
     expect(row.locator("summary")).to_contain_text(re.compile(r"calculator ✓ \d+ ms"))
     row.locator("summary").click()
     expect(row.locator("pre").first).to_have_text(
         json.dumps({"expression": "6 * 7"}, indent=2))
     expect(row.locator("pre").last).to_contain_text("42")
+    expect(failed.locator("summary")).to_contain_text(re.compile(r"calculator ✗ failed \d+ ms"))
+    failed.locator("summary").click()
+    expect(failed.locator("pre").first).to_have_text(
+        json.dumps({"expression": html}, indent=2))
+    expect(failed.locator("pre").last).to_contain_text("error:")
+    assert page.locator(".tools img").count() == 0
     # The picture of a finished turn (docs/images/chat-page.png is one such).
     page.screenshot(path=str(tmp_path / "finished-turn.png"))
     assert (tmp_path / "finished-turn.png").stat().st_size > 1000

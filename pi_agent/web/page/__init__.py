@@ -20,19 +20,27 @@ def init_app(app: Flask) -> None:
     """Register the page, and the redirect of a browser at ``/``: before the key check, as
     the page asks for the key itself."""
     app.before_request(send_browser_to_page)
+    app.after_request(vary_root_by_accept)
     app.register_blueprint(bp)
 
 
 def send_browser_to_page() -> Response | None:
-    """A browser's ``GET /`` goes to the page. Ollama's clients send ``Accept: */*`` or
-    nothing, and get the heartbeat: only ``text/html`` named outright counts, not a
-    wildcard."""
+    """A browser's ``GET /`` goes to the page. Ollama's clients send ``Accept: */*``,
+    ``application/json`` or nothing, and get the heartbeat: only ``text/html`` named
+    outright counts, not a wildcard."""
     if request.path != "/" or request.method != "GET":
         return None
-    if not any(value == "text/html" and quality > 0
+    if not any(value.split(";")[0].strip().lower() == "text/html" and quality > 0
                for value, quality in request.accept_mimetypes):
         return None
     return redirect(PREFIX, code=302)  # type: ignore[return-value]
+
+
+def vary_root_by_accept(response: Response) -> Response:
+    """``/`` answers by the Accept header (the page or the heartbeat): caches must know."""
+    if request.path == "/":
+        response.vary.add("Accept")
+    return response
 
 
 @bp.get("/ui")

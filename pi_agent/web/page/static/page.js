@@ -22,12 +22,17 @@
       } catch (e) { /* private mode: kept for this visit only */ }
     },
     titles() {
-      try { return JSON.parse(this.get(TITLES) || "{}"); } catch (e) { return {}; }
+      let titles = null;
+      try { titles = JSON.parse(this.get(TITLES) || "{}"); } catch (e) { /* damaged */ }
+      return titles && typeof titles === "object" ? titles : {};
     },
   };
 
   let conversationId = saved.get(CONVERSATION);
-  let running = null; // the turn under way: {controller, id, stopped}
+  let running = null; // the turn under way: {controller, id, stopped, ended, dropped}
+  // Counts what changes the conversation shown (a send, New, opening one): an answer to an
+  // older change arrives late and is dropped, instead of mixing two conversations.
+  let shown = 0;
 
   // --- talking to the server ------------------------------------------------------------
 
@@ -87,7 +92,7 @@
       case "cancelled":
         return "Stopped.";
       case "conversation_not_found":
-        return "That conversation is no longer kept by the server.";
+        return "That conversation is not kept by the server any more (or is another key's).";
       case "validation_error":
         return "The server could not accept that message: " + (error.message || "");
     }
@@ -114,10 +119,18 @@
     return node;
   }
 
-  // `code`, **bold**, *italic* or _italic_, [text](http(s) link); the rest is text.
-  const INLINE = /(`+)([\s\S]+?)\1|\*\*(?=\S)([\s\S]+?\S)\*\*|(?:^|(?<=[\s(]))[*_](?=\S)([^*_]+?\S)[*_](?![\w*])|\[([^\]\n]+)\]\((https?:\/\/[^\s)]+)\)/g;
+  // `code`, **bold**, *italic* or _italic_, [text](http(s) link); the rest is text. Each
+  // span is bounded, so that a line full of unclosed marks costs linear time, and there is
+  // no lookbehind (Safari before 16.4 would not load the script).
+  const INLINE = /(`+)([^\n]{1,2000}?)\1|\*\*(?=\S)([^\n]{0,2000}?\S)\*\*|(^|[\s(])[*_](?=\S)([^*_\n]{0,2000}?\S)[*_](?![\w*])|\[([^\]\n]{1,500})\]\((https?:\/\/[^\s)]{1,2000})\)/g;
+  // A longer line is shown as it is: drawing must not hold the page up.
+  const LONGEST_MARKED_LINE = 4096;
 
   function inline(text, parent) {
+    if (text.length > LONGEST_MARKED_LINE) {
+      parent.append(text);
+      return;
+    }
     let at = 0;
     for (const found of text.matchAll(INLINE)) {
       if (found.index > at) parent.append(text.slice(at, found.index));
@@ -125,11 +138,13 @@
         parent.append(el("code", "", found[2]));
       } else if (found[3] !== undefined) {
         inline(found[3], parent.appendChild(el("strong")));
-      } else if (found[4] !== undefined) {
-        inline(found[4], parent.appendChild(el("em")));
+      } else if (found[5] !== undefined) {
+        parent.append(found[4]);
+        inline(found[5], parent.appendChild(el("em")));
       } else {
-        const link = el("a", "", found[5]);
-        link.href = found[6];
+        // The address is shown on hover: a link's words cannot hide where it goes.
+        const link = el("a", "", found[6]);
+        link.href = link.title = found[7];
         link.target = "_blank";
         link.rel = "noopener noreferrer nofollow";
         parent.append(link);
@@ -217,12 +232,14 @@
       this.text = "";
       this.calls = {};
       this.pending = 0;
+      this.drawMs = 0;
       this.node.append(this.answer);
     }
     say(text, isError) {
+      const follow = atBottom();
       this.note.textContent = text || "";
       this.note.classList.toggle("error", !!isError);
-      scrollDown();
+      if (follow) scrollDown();
     }
     route(data) {
       this.meta.textContent = "Routed to " + data.agent + " (" + data.route + ", by "
@@ -230,15 +247,21 @@
     }
     add(piece) {
       this.text += piece;
-      this.say("");
-      // Drawn at most every 40 ms: a long reply is not parsed again for each token.
-      if (!this.pending) this.pending = setTimeout(() => this.draw(), 40);
+      if (this.note.textContent) this.say("");
+      // Not parsed again for each token: drawn every 40 ms, or less often when a long
+      // reply takes long to draw, so that drawing takes at most a fifth of the time.
+      if (!this.pending) {
+        this.pending = setTimeout(() => this.draw(), Math.max(40, 4 * this.drawMs));
+      }
     }
     draw() {
       clearTimeout(this.pending);
       this.pending = 0;
+      const follow = atBottom();
+      const began = performance.now();
       markdown(this.text, this.reply);
-      scrollDown();
+      this.drawMs = performance.now() - began;
+      if (follow) scrollDown();
     }
     toolCall(data) {
       const row = this.tools.appendChild(el("details"));
@@ -268,6 +291,13 @@
     }
   }
 
+  // The page follows a reply as it grows only while the reader is at its end: one who
+  // scrolled up to read stays where they are.
+  function atBottom() {
+    const box = $("messages");
+    return box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+  }
+
   function scrollDown() {
     const box = $("messages");
     box.scrollTop = box.scrollHeight;
@@ -276,10 +306,14 @@
   // --- sending, streaming, stopping -----------------------------------------------------
 
   async function send(message) {
+    shown++;
     const view = new TurnView(message);
     view.say("Sending…");
+    scrollDown();
+    view.answer.setAttribute("aria-busy", "true");
     const controller = new AbortController();
-    const turn = running = { controller: controller, id: conversationId, stopped: false };
+    const turn = running = { controller: controller, id: conversationId, stopped: false,
+                             ended: false, dropped: 0 };
     setRunning(true);
     const body = { message: message, agent: $("agent").value || undefined };
     if (conversationId) body.conversation_id = conversationId;
@@ -295,17 +329,33 @@
           askForKey(explain(error));
           $("message").value = message;
         }
+        if (error.code === "conversation_not_found") forget(turn.id);
         return;
       }
       await readEvents(response.body.getReader(), (name, data) => onEvent(view, turn, name, data));
       if (!turn.ended) view.say(turn.stopped ? "Stopped." : "The answer was cut off.", true);
     } catch (e) {
-      view.say(turn.stopped ? "Stopped." : "The connection to the server was lost.", true);
+      if (!turn.ended) {
+        view.say(turn.stopped ? "Stopped." : "The connection to the server was lost.", true);
+      }
     } finally {
+      // A stream left unread (a failure while reading it) would keep the model generating
+      // and the conversation busy: hang up on it.
+      clearTimeout(turn.dropped);
+      if (!turn.ended) controller.abort();
       view.draw();
+      view.answer.removeAttribute("aria-busy");
       running = null;
       setRunning(false);
       listConversations();
+    }
+  }
+
+  // The server no longer has this conversation: the next message starts a new one.
+  function forget(id) {
+    if (id && conversationId === id) {
+      conversationId = "";
+      saved.set(CONVERSATION, "");
     }
   }
 
@@ -360,14 +410,19 @@
   }
 
   // Server-Sent Events from a fetch body: blocks end with a blank line; a line starting
-  // with ":" is a heartbeat.
+  // with ":" is a heartbeat. Lines may end in CRLF or CR too, as the format allows (a CR
+  // held back at a read's end could be half of a CRLF: it waits for the next read).
   async function readEvents(reader, each) {
     const decoder = new TextDecoder();
     let buffer = "";
+    let held = "";
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
-      buffer += decoder.decode(value, { stream: true });
+      let text = held + decoder.decode(value, { stream: true });
+      held = text.endsWith("\r") ? "\r" : "";
+      if (held) text = text.slice(0, -1);
+      buffer += text.replace(/\r\n?/g, "\n");
       let end;
       while ((end = buffer.indexOf("\n\n")) >= 0) {
         const block = buffer.slice(0, end);
@@ -391,14 +446,14 @@
     // The server stops the model and keeps the partial answer; the stream then ends with
     // a "cancelled" event. Without an id yet, or if the cancel fails, the page hangs up,
     // which the server treats the same way.
-    const dropped = setTimeout(() => turn.controller.abort(), CANCEL_GRACE_MS);
+    turn.dropped = setTimeout(() => turn.controller.abort(), CANCEL_GRACE_MS);
     try {
       if (!turn.id) throw new Error("no conversation yet");
       const response = await call("/chat/" + encodeURIComponent(turn.id) + "/cancel",
                                   { method: "POST" });
       if (!response.ok) throw new Error("cancel refused");
     } catch (e) {
-      clearTimeout(dropped);
+      clearTimeout(turn.dropped);
       turn.controller.abort();
     }
   }
@@ -435,12 +490,16 @@
     return true;
   }
 
+  let listings = 0;
+
   async function listConversations() {
+    const mine = ++listings;
     let listed = [];
     try {
       const response = await call("/conversations");
       if (response.ok) listed = (await response.json()).conversations || [];
     } catch (e) { /* the list stays as it was */ return; }
+    if (mine !== listings) return; // a later listing is under way: it shows the newer list
     const titles = saved.titles();
     const items = listed.map((c) => {
       const button = el("button", "", titles[c.conversation_id] || c.conversation_id);
@@ -458,29 +517,34 @@
 
   async function openConversation(id) {
     if (running) return;
+    const mine = ++shown;
     conversationId = id;
     saved.set(CONVERSATION, id);
     $("messages").replaceChildren();
+    notice("");
     listConversations();
     if (!id) return;
-    let response;
+    let response, turns;
     try {
       response = await call("/conversations/" + encodeURIComponent(id));
+      turns = response.ok ? (await response.json()).turns : null;
     } catch (e) {
-      notice("The server cannot be reached.");
+      if (mine === shown) notice("The server cannot be reached.");
       return;
     }
+    if (mine !== shown) return; // another conversation was opened, or a message sent, since
     if (response.status === 404) {
-      // Forgotten by the server (idle too long, or deleted): start afresh.
-      conversationId = "";
-      saved.set(CONVERSATION, "");
+      // Forgotten by the server (idle too long, or deleted), or another key's (an admin
+      // key lists every key's conversations, and reads only its own): start afresh.
+      forget(id);
+      notice(explain({ code: "conversation_not_found" }));
       return;
     }
     if (!response.ok) {
       notice(explain(await refusal(response)));
       return;
     }
-    for (const turn of (await response.json()).turns) {
+    for (const turn of turns) {
       const view = new TurnView(turn.user);
       view.text = turn.assistant;
       view.draw();
@@ -496,17 +560,23 @@
     }
   }
 
-  $("composer").addEventListener("submit", (event) => {
-    event.preventDefault();
+  function submit() {
     const message = $("message").value;
     if (!message.trim() || running) return;
     $("message").value = "";
     send(message);
+  }
+
+  // A phone's keyboard has no Shift+Enter: there Enter is a new line and Send sends.
+  const touch = window.matchMedia("(pointer: coarse)").matches;
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    submit();
   });
   $("message").addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !touch) {
       event.preventDefault();
-      $("composer").requestSubmit();
+      submit();
     }
   });
   $("stop").addEventListener("click", stop);
