@@ -1,7 +1,7 @@
 """Gunicorn settings for Pi Agent Server: one gevent worker, made for long streams.
 
-Imports only pi_agent.config, pi_agent.security.keys and .exposure, pi_agent.hosts and
-pi_agent.stores.sqlite_file, which load neither ssl nor requests: the gevent worker patches
+Imports only pi_agent.config, pi_agent.security.keys and .exposure, pi_agent.hosts,
+pi_agent.stores.sqlite_file and pi_agent.metrics_folder, which load neither ssl nor requests: the gevent worker patches
 the standard library after the fork, and modules loaded before it stay unpatched. gevent
 itself is loaded after the fork too (see pi_agent/worker.py), so the master, which serves no
 request, stays about 5 MiB smaller.
