@@ -17,12 +17,12 @@ from prometheus_client import Gauge
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
-from pi_agent.cli import main as cli
 from pi_agent.metrics_folder import forget_worker
 
 from .fake_ollama import FakeOllama, Script
 from .live_server import Gunicorn, RawStream, serving
 from .redis_server import RedisServer
+from .test_security import create_key
 
 MODEL = "llama3.2:1b"
 AGENTS = """
@@ -178,11 +178,6 @@ def test_gauges_and_cancellations_by_phase(fake: FakeOllama, tmp_path: Path) -> 
     assert value(samples, "pi_agent_turns_running") == 0
     assert value(samples, "pi_agent_turns_waiting") == 0
     assert value(samples, "pi_agent_upstream_errors_total", kind="upstream_timeout") == 0
-
-
-def create_key(path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    assert cli(["keys", "--file", str(path), "create", *args]) == 0
-    return capsys.readouterr().out.splitlines()[-1]
 
 
 def test_with_keys_only_an_admin_key_reads_the_metrics(
