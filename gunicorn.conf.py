@@ -1,10 +1,10 @@
 """Gunicorn settings for Pi Agent Server: one gevent worker, made for long streams.
 
 Imports only pi_agent.config, pi_agent.security.keys and .exposure, pi_agent.hosts,
-pi_agent.stores.sqlite_file and pi_agent.metrics_folder, which load neither ssl nor requests: the gevent worker patches
-the standard library after the fork, and modules loaded before it stay unpatched. gevent
-itself is loaded after the fork too (see pi_agent/worker.py), so the master, which serves no
-request, stays about 5 MiB smaller.
+pi_agent.stores.sqlite_file and pi_agent.metrics_folder, which load neither ssl nor
+requests: the gevent worker patches the standard library after the fork, and modules loaded
+before it stay unpatched. gevent itself is loaded after the fork too (see
+pi_agent/worker.py), so the master, which serves no request, stays about 5 MiB smaller.
 That is why each hook imports what it uses when it runs: the worker's hooks (pre_request,
 worker_int) load the app's modules, which only a worker may.
 """
