@@ -1,17 +1,18 @@
 """Gunicorn settings for Pi Agent Server: one gevent worker, made for long streams.
 
-Imports only pi_agent.config, pi_agent.security.keys and .exposure, pi_agent.hosts and
-pi_agent.stores.sqlite_file, which load neither ssl nor requests: the gevent worker patches
-the standard library after the fork, and modules loaded before it stay unpatched. gevent
-itself is loaded after the fork too (see pi_agent/worker.py), so the master, which serves no
-request, stays about 5 MiB smaller.
+Imports only pi_agent.config, pi_agent.security.keys and .exposure, pi_agent.hosts,
+pi_agent.stores.sqlite_file and pi_agent.metrics_folder, which load neither ssl nor
+requests: the gevent worker patches the standard library after the fork, and modules loaded
+before it stay unpatched. gevent itself is loaded after the fork too (see
+pi_agent/worker.py), so the master, which serves no request, stays about 5 MiB smaller.
 That is why each hook imports what it uses when it runs: the worker's hooks (pre_request,
 worker_int) load the app's modules, which only a worker may.
 """
 import math
+import os
 import sys
 
-from pi_agent.config import ConfigError, load_settings
+from pi_agent.config import ConfigError, load_settings, metrics_folder
 
 try:
     _settings = load_settings()
@@ -83,6 +84,37 @@ def on_starting(server):
         server.log.warning("pi-agent: PI_AGENT_AUTH=off: every request is served without a key")
     _fit_worker(server, settings)
     _fit_descriptors(server)
+    _prepare_metrics(server)
+
+
+def _prepare_metrics(server):
+    """Several workers keep their metrics in files in a folder of their own, which this
+    master makes now, before it forks them, and removes when it exits (on_exit)."""
+    from pi_agent.metrics_folder import prepare
+
+    folder = prepare(os.environ, server.cfg.workers)
+    if folder:
+        server.log.info("pi-agent: the workers' metrics in %s", folder)
+
+
+def child_exit(server, worker):
+    """A worker that ended counts no more in the gauges of turns running and waiting
+    (prometheus-client's multiprocess.mark_process_dead, which the master cannot import:
+    see pi_agent/metrics_folder.py)."""
+    from pi_agent.metrics_folder import forget_worker
+
+    folder = metrics_folder()
+    if folder:
+        forget_worker(folder, worker.pid)
+
+
+def on_exit(server):
+    """The workers' metrics folder goes with the master."""
+    from pi_agent.metrics_folder import remove_folder
+
+    folder = metrics_folder()
+    if folder:
+        remove_folder(folder)
 
 
 def _workers_refusal(server, settings):

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from flask import Flask
 from flask_cors import CORS
 
-from .config import ConfigError, Settings, load_settings, setting_keys
+from .config import ConfigError, Settings, load_settings, metrics_folder, setting_keys
 from .core.admission import Admission, SharedSlots
 from .core.agent_file import AgentsFileError, load_agents
 from .core.agents import AgentBook
@@ -28,6 +28,7 @@ from .core.watch import Watchdog
 from .hosts import watch_host
 from .logformat import JsonFormatter
 from .memory import MemoryStore, Store
+from .metrics import Metrics
 from .providers import PROVIDERS
 from .security.keys import KeyFileError, KeyRing, Offload
 from .security.limits import Limits, SharedCounts
@@ -36,6 +37,7 @@ from .stores.sqlite import SqliteStore
 from .stores.sqlite_file import StoreFileError, state_file
 from .stores.threads import OneThread, PlainThread
 from .web import auth, errors, framing, page, tracing
+from .web import metrics as web_metrics
 from .web.native import agents, chat, conversations, health, openapi
 from .web.native.errors import render_error
 from .web.ollama import errors as ollama_errors
@@ -72,6 +74,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     framing.init_app(app)
     page.init_app(app)  # before auth: a browser at / is sent to the page, key or not
     auth.init_app(app)
+    web_metrics.init_app(app)
     if settings.cors_origins:
         _allow_origins(app, settings.cors_origins)
     for blueprint in (health.bp, agents.bp, chat.bp, conversations.bp, openai_routes.bp,
@@ -95,13 +98,17 @@ def build_state(settings: Settings) -> AppState:
     elif settings.auth == "off":
         logger.warning("PI_AGENT_AUTH=off: every request is served without an API key")
     pool = PROVIDERS[settings.provider](settings)
+    # In files that every worker reads with several workers (gunicorn.conf.py made the folder).
+    metrics = Metrics(metrics_folder())
     # Each upstream's slots; with a store that several gateways share (Redis), held there.
     admission = Admission(settings.max_concurrent, settings.max_queue, upstreams=pool.names,
-                          shared=store if isinstance(store, SharedSlots) else None)
+                          shared=store if isinstance(store, SharedSlots) else None,
+                          metrics=metrics)
     watchdog, shutdown = Watchdog(), Shutdown()
     # A store that several gateways share (Redis) counts the requests and tokens too.
     limits = Limits(ledger=store, shared=store if isinstance(store, SharedCounts) else None)
-    agents, library = _agents(settings.agents_file), Library(settings.state_dir)
+    agents = _agents(settings.agents_file)
+    library = Library(settings.state_dir, metrics=metrics)
     return AppState(
         settings=settings,
         provider=pool,
@@ -121,8 +128,9 @@ def build_state(settings: Settings) -> AppState:
         keys=keys,
         limits=limits,
         turns=Turns(settings, pool, admission, running, watchdog, shutdown, store, limits,
-                    agents, library),
+                    agents, library, metrics),
         knowledge=library,
+        metrics=metrics,
     )
 
 

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 ENV_PREFIX = "PI_AGENT_"
+# prometheus-client's own variable: the folder where several workers keep their metrics. Set
+# by gunicorn.conf.py for its workers (metrics_folder.py), never by hand.
+METRICS_FOLDER_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # The id of the one user of a server without API keys (local mode), who may do everything.
 LOCAL_ID = "local"
 
@@ -256,6 +259,12 @@ def load_settings(
     if not values.get("state_dir"):
         values["state_dir"] = default_state_dir(env)
     return Settings(**values)
+
+
+def metrics_folder(environ: Mapping[str, str] | None = None) -> str:
+    """The folder of several workers' metrics that gunicorn.conf.py made; "" for one
+    process."""
+    return (os.environ if environ is None else environ).get(METRICS_FOLDER_VARIABLE, "")
 
 
 def default_state_dir(env: Mapping[str, str]) -> str:

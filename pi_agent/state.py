@@ -16,6 +16,7 @@ from .core.running import RunningTurns
 from .core.turn import Turns
 from .core.watch import Watchdog
 from .memory import Store
+from .metrics import Metrics
 from .providers.pool import UpstreamPool
 from .security.keys import KeyRing
 from .security.limits import Limits
@@ -27,7 +28,7 @@ EXTENSION_KEY = "pi_agent"
 class AppState:
     """The settings, the model provider, the store and the memory (the store, None when
     memory is off), the agents, the readiness check, the admission control, the turns under
-    way, the API keys and their limits."""
+    way, the API keys and their limits, the metrics."""
 
     settings: Settings
     provider: UpstreamPool  # one Ollama or several
@@ -43,6 +44,7 @@ class AppState:
     limits: Limits
     turns: Turns  # opens each request's turn, with the parts above that a turn uses
     knowledge: Library  # the agents' document indexes
+    metrics: Metrics  # for GET /metrics; the turns, admission and the library count into it
 
 
 def current_state() -> AppState:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..errors import ConversationBusy, QueueFull, StoreUnavailable
+from ..metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class Admission:
     def __init__(
         self, max_concurrent: int, max_queue: int, clock: Callable[[], float] = time.monotonic,
         upstreams: Sequence[str] = ("",), shared: SharedSlots | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: told the turns running and waiting here each time they change."""
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self._clock = clock
@@ -111,6 +114,7 @@ class Admission:
         self._looked = 0.0
         self.on_my_own = False  # the shared slots failed: this gateway counts its own
         self._ask_again_at = 0.0
+        self._metrics = metrics
 
     def enter(self, conversation_id: str, rank: Rank = _any_free) -> Ticket:
         """Take a slot, or a place in the queue; ``rank`` picks the upstream.
@@ -131,6 +135,7 @@ class Admission:
             else:
                 raise QueueFull(self._retry_after())
             self._conversations.add(conversation_id)
+            self._count()
             return ticket
 
     def wait(self, ticket: Ticket, timeout: float) -> bool:
@@ -195,12 +200,22 @@ class Admission:
             else:
                 self._waiting.remove(ticket)
                 self._leave_queue(ticket)
+            self._count()
             self._changed.notify_all()
 
     @property
     def running(self) -> int:
         with self._changed:
-            return self.max_concurrent * len(self._free) - sum(self._free.values())
+            return self._running()
+
+    def _running(self) -> int:
+        return self.max_concurrent * len(self._free) - sum(self._free.values())
+
+    def _count(self) -> None:
+        # On each change rather than read when scraped: with several workers, each keeps
+        # its own count in the shared files, and a scrape reaches one of them.
+        if self._metrics is not None:
+            self._metrics.turns_now(self._running(), len(self._waiting))
 
     @property
     def waiting(self) -> int:
@@ -245,6 +260,7 @@ class Admission:
                 self._waiting.remove(ticket)
                 admitted = True
         if admitted:
+            self._count()
             self._changed.notify_all()
 
     def _look_for_slots(self) -> None:

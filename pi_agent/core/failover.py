@@ -21,6 +21,7 @@ from ..errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
+from ..metrics import Metrics
 from ..providers.base import Abort, ChatCall, ChatStream, Forwarded, ModelInfo, Provider
 from ..providers.pool import UpstreamPool
 from .admission import Admission, Ticket
@@ -47,14 +48,17 @@ class Failover:
     name = "ollama"
 
     def __init__(self, pool: UpstreamPool, admission: Admission, ticket: Ticket,
-                 conversation_id: str, model: Callable[[], str]) -> None:
+                 conversation_id: str, model: Callable[[], str],
+                 metrics: Metrics | None = None) -> None:
         """``conversation_id``: the remembered conversation whose next turn is to go where
-        this one went; "" for a turn that keeps none."""
+        this one went; "" for a turn that keeps none. ``metrics``: told each failure that
+        moves the turn on (the turn counts the failure it ends with)."""
         self._pool = pool
         self._admission = admission
         self._ticket = ticket
         self._conversation_id = conversation_id
         self._model = model  # the turn's, for a call that names none (a relayed one)
+        self._metrics = metrics
 
     @property
     def tries(self) -> int:
@@ -97,10 +101,13 @@ class Failover:
                 stopped = abort is not None and abort.requested
                 if stopped or not self._pool.several or not moves_on(exc):
                     raise
-                self._pool.failed(name, exc.cause if isinstance(exc, _Refused) else exc)
+                cause = exc.cause if isinstance(exc, _Refused) else exc
+                self._pool.failed(name, cause)
                 tried.append(name)
                 if not self._admission.move(self._ticket, tried):
                     raise
+                if self._metrics is not None:
+                    self._metrics.upstream_failed(cause.error_code)
                 if isinstance(exc, _Refused):
                     exc.answer.close()
                 logger.warning("upstream %s failed before the first token (%s): the turn "

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..metrics import Metrics
 from .agents import Agent, Knowledge
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,12 @@ class Library:
     """The knowledge indexes of the agents, one SQLite file each in ``folder``, opened
     when first searched (so after gunicorn's fork)."""
 
-    def __init__(self, folder: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, folder: str, clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
+        """``metrics``: told each search and its time."""
         self._folder = Path(folder)
         self._clock = clock
+        self._metrics = metrics
         self._lock = threading.Lock()
         self._indexes: dict[tuple[str, Knowledge], Index] = {}
 
@@ -61,7 +65,11 @@ class Library:
         knowledge."""
         if agent.knowledge is None:
             return ()
-        return self.index(agent.name, agent.knowledge).search(question)
+        started = time.perf_counter()
+        found = self.index(agent.name, agent.knowledge).search(question)
+        if self._metrics is not None:
+            self._metrics.searched(agent.name, time.perf_counter() - started)
+        return found
 
     def index(self, name: str, knowledge: Knowledge) -> Index:
         with self._lock:

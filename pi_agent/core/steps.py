@@ -135,6 +135,10 @@ class ToolLoop:
             yield Stepped(self.steps)
             stream = self._stream = self._open(call)
 
+    def knows(self, tool: str) -> bool:
+        """Whether ``tool`` is one of the agent's (a model may call one it made up)."""
+        return tool in self._tools
+
     def _open(self, call: ChatCall) -> ChatStream:
         """The next model call; one that fails leaves no abort handler on a connection that
         went back to the pool (the turn's stop would shut it under another turn)."""

@@ -37,6 +37,7 @@ from ..errors import (
 )
 from ..memory import Store
 from ..memory import Turn as Remembered
+from ..metrics import Metrics
 from ..providers.base import Abort, ChatCall, ChatChunk, ChatStream, Forwarded
 from ..providers.pool import UpstreamPool
 from ..security.keys import ApiKey
@@ -61,6 +62,8 @@ from .watch import STOPPED, TurnWatch, Watchdog, never
 
 logger = logging.getLogger(__name__)
 
+# The outcomes of a turn that its client stopped: by a cancel, or by leaving.
+CANCELLED = ("cancelled", "disconnected")
 # How often a request waiting for a generation slot checks for its client.
 CLIENT_CHECK_SECONDS = 0.5
 
@@ -73,7 +76,7 @@ class Turns:
     def __init__(self, settings: Settings, pool: UpstreamPool, admission: Admission,
                  running: RunningTurns, watchdog: Watchdog, shutdown: Shutdown,
                  store: Store, limits: Limits,
-                 agents: Mapping[str, Agent], library: Library) -> None:
+                 agents: Mapping[str, Agent], library: Library, metrics: Metrics) -> None:
         self.settings = settings
         self.agents = agents  # where a router's routes lead
         self.library = library
@@ -86,6 +89,7 @@ class Turns:
         self.store = store  # each turn's tokens; its memory too unless that is off
         self.memory = store if settings.enable_memory else None
         self.limits = limits
+        self.metrics = metrics  # each turn's figures, at its end
 
     def open(self, conversation_id: str, key: ApiKey, client: Client,
              prompt: Prompt | None = None, remember: str | None = None,
@@ -139,7 +143,8 @@ class Turn:
         # conversation's next turn goes where this one went.
         remembered = remember is not None and turns.memory is not None
         self._calls = Failover(turns.pool, turns.admission, self.ticket,
-                               conversation_id if remembered else "", lambda: self.model)
+                               conversation_id if remembered else "", lambda: self.model,
+                               turns.metrics)
         try:
             self._keeping = Keeping(turns.store,
                                     turns.memory if remember is not None else None,
@@ -425,7 +430,8 @@ class Turn:
             self._write_log()
 
     def _write_log(self) -> None:
-        """The turn's one line: how it ended, its times and tokens (turn_log.py)."""
+        """The turn's one line: how it ended, its times and tokens (turn_log.py); and its
+        metrics."""
         outcome = self.log.outcome(self.abort.reason if self.abort.requested else "")
         route = self.route.route or self.route.agent if self.route is not None else None
         ticket = self.ticket
@@ -434,3 +440,23 @@ class Turn:
             "upstream": ticket.upstream if ticket.admitted else None,
             "tool_calls": [call.name for call in self.tool_calls]},
             self._remember if self._turns.settings.log_prompts else None)
+        self._count(outcome, route)
+
+    def _count(self, outcome: str, route: str | None) -> None:
+        """The turn's metrics, counted once, at its end: nothing on the way is."""
+        metrics, log, admitted_at = self._turns.metrics, self.log, self.ticket.admitted_at
+        metrics.turn_ended(self.agent, self.model, outcome, log.first_token_seconds(admitted_at),
+                           time.monotonic() - log.started, log.prompt_tokens,
+                           log.completion_tokens)
+        if outcome in CANCELLED:
+            phase = ("queued" if not admitted_at else
+                     "before_first_token" if not log.first_token else "streaming")
+            metrics.cancelled(phase, outcome)
+        if log.upstream_error:
+            metrics.upstream_failed(log.upstream_error)
+        if self._loop is not None:
+            loop = self._loop  # a tool the model made up is counted as "unknown"
+            metrics.tools_called([(call.name if loop.knows(call.name) else "unknown", call.ok)
+                                  for call in loop.calls])
+        if self.route is not None:
+            metrics.routed(route or "", self.route.by)

@@ -15,7 +15,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import PiAgentError
+from ..errors import (
+    ModelNotFound,
+    PiAgentError,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    UpstreamError,
+    UpstreamProtocolError,
+)
 
 logger = logging.getLogger("pi_agent.turns")
 
@@ -24,6 +32,12 @@ STOPPED_OUTCOMES = {"cancelled": "cancelled", "client_gone": "disconnected",
                     "timeout": "timeout", "shutting_down": "shutting_down"}
 # A turn that failed so timed out (the event stream's own deadlines).
 TIMEOUT_ERRORS = {"upstream_timeout"}
+# The model server's failures, by their codes (a kind each, for the metrics).
+UPSTREAM_ERRORS = {kind.error_code for kind in (ProviderError, UpstreamError, ModelNotFound,
+                                                UpstreamProtocolError, ProviderUnavailable,
+                                                ProviderTimeout)}
+# A relayed answer's error status, as ``relayed`` notes it.
+RELAYED_STATUS = "upstream_status_"
 # A value in the text form is quoted when it holds what could pass for another field or line.
 PLAIN = re.compile(r"[^\s=\"]{1,200}")
 
@@ -61,7 +75,7 @@ class TurnLog:
         """A relayed answer's status (the /api front): 200 is the whole answer relayed,
         anything else the model server's refusal."""
         if status != 200:
-            self.error = self.error or f"upstream_status_{status}"
+            self.error = self.error or f"{RELAYED_STATUS}{status}"
         elif not self.ended and not self.error:
             self.done()
 
@@ -81,8 +95,25 @@ class TurnLog:
 
     def outcome(self, stopped: str) -> str:
         """How it ended; ``stopped``: the reason a stop from outside gave ("" if none)."""
-        return self.ended or STOPPED_OUTCOMES.get(stopped) or (
+        outcome = self.ended or STOPPED_OUTCOMES.get(stopped) or (
             "failed" if self.error else "ended")
+        if outcome == "failed" and self.error in TIMEOUT_ERRORS:
+            return "timeout"
+        return outcome
+
+    def first_token_seconds(self, admitted_at: float) -> float | None:
+        """From the slot (``admitted_at``) to the first token; None if either never came."""
+        return self.first_token - admitted_at if self.first_token and admitted_at else None
+
+    @property
+    def upstream_error(self) -> str:
+        """The kind of the model server's failure that ended the turn; "" if none did."""
+        if self.error in UPSTREAM_ERRORS:
+            return self.error
+        if self.error.startswith(RELAYED_STATUS):  # the /api front's relayed refusal
+            missing = self.error == f"{RELAYED_STATUS}404"
+            return ModelNotFound.error_code if missing else UpstreamError.error_code
+        return ""
 
     def write(self, outcome: str, queued_at: float, admitted_at: float,
               fields: dict[str, Any], prompt: str | None) -> None:
@@ -92,15 +123,13 @@ class TurnLog:
         if self.written:
             return
         self.written = True
-        if outcome == "failed" and self.error in TIMEOUT_ERRORS:
-            outcome = "timeout"
         now = time.monotonic()
+        first_token = self.first_token_seconds(admitted_at)
         line: dict[str, Any] = {
             "request_id": self.request_id, "key_id": self.key_id, **fields,
             "outcome": outcome, "error": self.error or None,
             "queue_ms": _ms((admitted_at or now) - queued_at),
-            "first_token_ms": _ms(self.first_token - admitted_at)
-            if self.first_token and admitted_at else None,
+            "first_token_ms": None if first_token is None else _ms(first_token),
             "total_ms": _ms(now - self.started),
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
         }
