@@ -17,6 +17,7 @@ from prometheus_client import Gauge
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
+from pi_agent.core.turn_log import model_label
 from pi_agent.metrics_folder import forget_worker
 
 from .fake_ollama import FakeOllama, Script
@@ -137,6 +138,48 @@ def test_a_turn_its_requests_and_its_agents_events_are_counted(
     assert value(samples, "pi_agent_turns_waiting") == 0
 
 
+def test_each_front_counts_its_turns_once_under_their_agent_and_embeddings_are_none(
+    fake: FakeOllama, tmp_path: Path
+) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    with serving(tmp_path / "server.log", OLLAMA_URL=fake.url) as server:
+        for stream in (False, True):
+            answer = requests.post(server.url + "/v1/chat/completions", timeout=30, json={
+                "model": "agent:general", "messages": messages, "stream": stream})
+            assert answer.status_code == 200, answer.text
+        assert requests.post(server.url + "/v1/chat/completions", timeout=30, json={
+            "model": MODEL, "messages": messages}).status_code == 200
+        assert requests.post(server.url + "/api/chat", timeout=30, json={
+            "model": MODEL, "messages": messages, "stream": False}).status_code == 200
+        # A model the client named that is not there: its mistake, not the model server's.
+        assert requests.post(server.url + "/api/chat", timeout=30, json={
+            "model": "nosuch", "messages": messages}).status_code == 404
+        for path in ("/api/embed", "/v1/embeddings"):
+            embedded = requests.post(server.url + path, timeout=30,
+                                     json={"model": MODEL, "input": "hi"})
+            assert embedded.status_code == 200, embedded.text
+        # A stream's turn is released just after its response: wait for the five turns.
+        samples = eventually(server, lambda s: sum(
+            count for (name, _), count in s.items() if name == "pi_agent_turns_total") == 5)
+
+    turns = {labels: count for (name, labels), count in samples.items()
+             if name == "pi_agent_turns_total"}
+    assert turns == {frozenset({("agent", "general"), ("outcome", "done")}): 2,
+                     frozenset({("agent", "none"), ("outcome", "done")}): 2,
+                     frozenset({("agent", "none"), ("outcome", "failed")}): 1}
+    assert value(samples, "pi_agent_completion_tokens_total", agent="general", model=MODEL) == 8
+    assert value(samples, "pi_agent_prompt_tokens_total", agent="none", model=MODEL) == 24
+    assert not any(name == "pi_agent_upstream_errors_total" for name, _ in samples)
+
+
+def test_a_model_is_labelled_as_ollama_matches_it() -> None:
+    for spelling in ("Llama3.2", "llama3.2:latest", "registry.ollama.ai/library/LLAMA3.2",
+                     "library/llama3.2:LATEST"):
+        assert model_label(spelling) == "llama3.2:latest"
+    assert model_label("hf.co/someone/model:Q4") == "hf.co/someone/model:q4"
+    assert model_label("") == ""
+
+
 def test_gauges_and_cancellations_by_phase(fake: FakeOllama, tmp_path: Path) -> None:
     fake.script = Script(tokens=[f"t{i} " for i in range(100)], token_delay=0.1)
     fake.scripts["slow start"] = Script(first_token_delay=5)
@@ -235,6 +278,24 @@ def test_two_workers_are_counted_in_one_scrape(
         assert value(samples, "pi_agent_requests_total", route="/chat",
                      status="200") == turns
         assert value(samples, "pi_agent_turns_running") == 0
+        # Turns held open, wherever they landed: one has the upstream's one slot (shared
+        # through Redis), two wait; the gauges are the workers' counts added up.
+        fake.script = Script(tokens=[f"t{i} " for i in range(40)], token_delay=0.25)
+        streams = [RawStream(server, message="hold", conversation_id=f"held-{i}")
+                   for i in range(3)]
+        try:
+            for stream in streams:
+                stream.read_until(b"event: start")
+            samples = eventually(server, lambda s: value(s, "pi_agent_turns_waiting") == 2)
+            assert value(samples, "pi_agent_turns_running") == 1
+            assert value(samples, "pi_agent_turns_waiting") == 2
+        finally:
+            for stream in streams:
+                stream.close()
+        samples = eventually(server, lambda s: value(s, "pi_agent_turns_running") == 0
+                             and value(s, "pi_agent_turns_waiting") == 0, seconds=20)
+        assert value(samples, "pi_agent_turns_running") == 0
+        assert value(samples, "pi_agent_turns_waiting") == 0
     assert not Path(folder[1]).exists()  # the master removed it
 
 

@@ -62,8 +62,6 @@ from .watch import STOPPED, TurnWatch, Watchdog, never
 
 logger = logging.getLogger(__name__)
 
-# The outcomes of a turn that its client stopped: by a cancel, or by leaving.
-CANCELLED = ("cancelled", "disconnected")
 # How often a request waiting for a generation slot checks for its client.
 CLIENT_CHECK_SECONDS = 0.5
 
@@ -94,7 +92,8 @@ class Turns:
     def open(self, conversation_id: str, key: ApiKey, client: Client,
              prompt: Prompt | None = None, remember: str | None = None,
              agent: str = "", sources: tuple[Source, ...] | None = None,
-             router: Agent | None = None, fresh: bool = False, model: str = "") -> Turn:
+             router: Agent | None = None, fresh: bool = False, model: str = "",
+             embedding: bool = False) -> Turn:
         """Take a place for one turn: a slot, or a place in the queue.
 
         ``remember`` is the user's message that the answer is remembered with, in the
@@ -103,7 +102,8 @@ class Turns:
         A ``router`` turn has no prompt yet: it gets one from the route it takes. A
         ``fresh`` conversation (its id made for this request) is answered without memory
         while the store is down. ``model`` names the model of a turn without a prompt (a
-        relayed one), for the upstream it goes to.
+        relayed one), for the upstream it goes to. An ``embedding`` holds a slot as a turn
+        does, and is logged, but not counted among the turns in the metrics.
 
         :raise ConversationBusy: 409 if the conversation has a turn queued or running,
             here or in another gateway that shares the store.
@@ -112,7 +112,7 @@ class Turns:
         """
         routing = Routing(router, remember or "", self.settings) if router else None
         return Turn(self, conversation_id, key, client, prompt, remember, agent, sources,
-                    routing, fresh, model)
+                    routing, fresh, model, embedding)
 
 
 class Turn:
@@ -122,8 +122,9 @@ class Turn:
                  prompt: Prompt | None, remember: str | None, agent: str,
                  sources: tuple[Source, ...] | None = None,
                  routing: Routing | None = None, fresh: bool = False,
-                 model: str = "") -> None:
+                 model: str = "", embedding: bool = False) -> None:
         self._turns = turns
+        self._embedding = embedding
         self.conversation_id = conversation_id
         self.agent = agent
         self.sources = sources
@@ -430,8 +431,8 @@ class Turn:
             self._write_log()
 
     def _write_log(self) -> None:
-        """The turn's one line: how it ended, its times and tokens (turn_log.py); and its
-        metrics."""
+        """The turn's one line: how it ended, its times and tokens; and its metrics, but
+        for an embedding, which is no turn to count (turn_log.py)."""
         outcome = self.log.outcome(self.abort.reason if self.abort.requested else "")
         route = self.route.route or self.route.agent if self.route is not None else None
         ticket = self.ticket
@@ -440,23 +441,10 @@ class Turn:
             "upstream": ticket.upstream if ticket.admitted else None,
             "tool_calls": [call.name for call in self.tool_calls]},
             self._remember if self._turns.settings.log_prompts else None)
-        self._count(outcome, route)
-
-    def _count(self, outcome: str, route: str | None) -> None:
-        """The turn's metrics, counted once, at its end: nothing on the way is."""
-        metrics, log, admitted_at = self._turns.metrics, self.log, self.ticket.admitted_at
-        metrics.turn_ended(self.agent, self.model, outcome, log.first_token_seconds(admitted_at),
-                           time.monotonic() - log.started, log.prompt_tokens,
-                           log.completion_tokens)
-        if outcome in CANCELLED:
-            phase = ("queued" if not admitted_at else
-                     "before_first_token" if not log.first_token else "streaming")
-            metrics.cancelled(phase, outcome)
-        if log.upstream_error:
-            metrics.upstream_failed(log.upstream_error)
-        if self._loop is not None:
-            loop = self._loop  # a tool the model made up is counted as "unknown"
-            metrics.tools_called([(call.name if loop.knows(call.name) else "unknown", call.ok)
-                                  for call in loop.calls])
-        if self.route is not None:
-            metrics.routed(route or "", self.route.by)
+        if self._embedding:
+            return
+        loop = self._loop  # a tool the model made up is counted as "unknown"
+        self.log.count(self._turns.metrics, outcome, ticket.admitted_at, self.agent, self.model,
+                       [(call.name if loop.knows(call.name) else "unknown", call.ok)
+                        for call in loop.calls] if loop is not None else [],
+                       (route or "", self.route.by) if self.route is not None else None)

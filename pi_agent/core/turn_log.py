@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +24,8 @@ from ..errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
+from ..metrics import Metrics
+from ..providers.ollama_replies import full_model_name
 
 logger = logging.getLogger("pi_agent.turns")
 
@@ -38,6 +40,8 @@ UPSTREAM_ERRORS = {kind.error_code for kind in (ProviderError, UpstreamError, Mo
                                                 ProviderTimeout)}
 # A relayed answer's error status, as ``relayed`` notes it.
 RELAYED_STATUS = "upstream_status_"
+# The outcomes of a turn that its client stopped: by a cancel, or by leaving.
+CANCELLED = ("cancelled", "disconnected")
 # A value in the text form is quoted when it holds what could pass for another field or line.
 PLAIN = re.compile(r"[^\s=\"]{1,200}")
 
@@ -107,13 +111,35 @@ class TurnLog:
 
     @property
     def upstream_error(self) -> str:
-        """The kind of the model server's failure that ended the turn; "" if none did."""
+        """The kind of the model server's failure that ended the turn; "" if none did. A
+        relayed 4xx (the /api front) is the client's mistake (a model it named that is not
+        there, a bad request), not the model server failing: any key could make many."""
         if self.error in UPSTREAM_ERRORS:
             return self.error
-        if self.error.startswith(RELAYED_STATUS):  # the /api front's relayed refusal
-            missing = self.error == f"{RELAYED_STATUS}404"
-            return ModelNotFound.error_code if missing else UpstreamError.error_code
+        if self.error.startswith(RELAYED_STATUS + "5"):
+            return UpstreamError.error_code
         return ""
+
+    def count(self, metrics: Metrics, outcome: str, admitted_at: float, agent: str,
+              model: str, tool_calls: Sequence[tuple[str, bool]],
+              route: tuple[str, str] | None) -> None:
+        """The turn's metrics, counted once, at its end (nothing on the way is): its times
+        and tokens, how a cancelled one was cut short, the failure that ended it, its tool
+        calls (name, ok) and its route (route, by)."""
+        metrics.turn_ended(agent, model_label(model), outcome,
+                           self.first_token_seconds(admitted_at),
+                           time.monotonic() - self.started, self.prompt_tokens,
+                           self.completion_tokens)
+        if outcome in CANCELLED:
+            phase = ("queued" if not admitted_at else
+                     "before_first_token" if not self.first_token else "streaming")
+            metrics.cancelled(phase, outcome)
+        if self.upstream_error:
+            metrics.upstream_failed(self.upstream_error)
+        if tool_calls:
+            metrics.tools_called(tool_calls)
+        if route is not None:
+            metrics.routed(*route)
 
     def write(self, outcome: str, queued_at: float, admitted_at: float,
               fields: dict[str, Any], prompt: str | None) -> None:
@@ -137,6 +163,17 @@ class TurnLog:
             line["prompt"], line["reply"] = prompt, self.answer
         logger.info("turn %s", " ".join(f"{key}={_plain(value)}" for key, value in line.items()),
                     extra={"fields": line})
+
+
+def model_label(model: str) -> str:
+    """A model's name as the metrics label it: as Ollama matches it (without case, ":latest"
+    when no tag, the default registry's prefix left out), so that a client cannot make a new
+    series of one model by spelling it otherwise. Only a model that answered has tokens to
+    count, so a made-up name adds none."""
+    name = full_model_name(model) if model else ""
+    for prefix in ("registry.ollama.ai/", "library/"):
+        name = name.removeprefix(prefix)
+    return name
 
 
 def _ms(seconds: float) -> int:

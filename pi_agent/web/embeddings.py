@@ -36,7 +36,7 @@ def fetch_embeddings(turns: Turns, path: str, data: bytes, model: str, key: ApiK
     :raise QueueFull: 429 if every slot is taken and the queue is full.
     :raise ProviderError: the call failed, or was stopped (a subclass that says why).
     """
-    turn = turns.open("embed-" + uuid.uuid4().hex, key, client, model=model)
+    turn = turns.open("embed-" + uuid.uuid4().hex, key, client, model=model, embedding=True)
     try:
         watch = turn.begin()
         upstream = turn.forward("POST", path, data, wait="whole")

@@ -81,7 +81,8 @@ def chat_completions() -> Response:
     turn = state.turns.open(
         conversation_id or "openai-" + uuid.uuid4().hex, current_key(),
         client_of(request.environ), prompt,
-        remember=last_user_text(body.messages) if conversation_id else None)
+        remember=last_user_text(body.messages) if conversation_id else None,
+        agent=body.model[len(AGENT_PREFIX):] if body.model.startswith(AGENT_PREFIX) else "")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return _stream(turn, OpenAIChunks(body.model, include_usage), body.model)
