@@ -12,7 +12,7 @@ how it is answered:
   waits, so the watchdog watches it; everything that fails before the first byte still
   has its HTTP status (see text.py);
 - ``collect()``: the whole reply at once (a JSON reply), read as a stream so that the
-  same timeouts, cancel and watch stop it;
+  same timeouts, cancel and watch stop it (see whole.py);
 - ``begin()`` then ``forward(...)``: Ollama's own bytes, relayed by the ``/api`` front.
 
 A turn is released once (``release`` does its work the first time only): by its stream when
@@ -22,9 +22,8 @@ view at once when it answers without a stream or fails before its response.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypeVar
 
 from ..config import Settings
 from ..errors import (
@@ -33,7 +32,6 @@ from ..errors import (
     ProviderError,
     ServerShuttingDown,
     TurnCancelled,
-    UpstreamProtocolError,
 )
 from ..memory import Store
 from ..memory import Turn as Remembered
@@ -49,15 +47,16 @@ from .failover import Failover
 from .keeping import Keeping
 from .turn_log import TurnLog
 from .events import Encoder, Event, ToolAnswered
-from .generation import Gathered, Reply, Streamer
+from .generation import Streamer
 from .knowledge import Library, Source
 from .lifecycle import Shutdown
 from .prompt import Client, Prompt
 from .relay import EventRelay, Timeouts
 from .router import Decision, FixedReply, Routing, plan_route
 from .running import RunningTurns
-from .steps import AnswerOnly, ToolLoop
+from .steps import ToolLoop
 from .text import relay_text
+from .whole import answer_only, gather
 from .watch import STOPPED, TurnWatch, Watchdog, never
 
 logger = logging.getLogger(__name__)
@@ -340,7 +339,7 @@ class Turn:
             if self.routing is not None:
                 self._route_direct(watch)
             call, streamer = self.build_call(), self.streamer()
-            self._stream = self._answer_only(
+            self._stream = answer_only(
                 self.run(lambda abort: streamer.stream_chat(call, abort)), watch)
             self._upstream = self._stream
 
@@ -350,10 +349,8 @@ class Turn:
         return relay_text(self, self._stream, self.watch, encoder)
 
     def collect(self) -> ChatChunk:
-        """Stream the reply and gather it whole, for a client that asked for it at once: so
-        the first-token, idle and total timeouts, cancel and a client that leaves stop it
-        as they stop a stream, which a whole reply, sent by Ollama only at its end, would
-        not allow. The answer is remembered and its tokens counted, also those of a reply
+        """Stream the reply and gather it whole (whole.py), for a client that asked for it
+        at once. The answer is remembered and its tokens counted, also those of a reply
         cut short.
 
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
@@ -371,37 +368,16 @@ class Turn:
 
     def _gather(self, streamer: Streamer, call: ChatCall, watch: TurnWatch,
                 noted: bool = True) -> ChatChunk:
-        """One call's reply, gathered whole; its tokens counted, also of a reply cut short.
+        """One call's reply, gathered whole (whole.py); its tokens counted, also of a reply
+        cut short; its first token noted unless it is a router's classifier call.
 
         :raise ProviderError: the call failed, or was stopped (a subclass that says why).
         """
-        gathered = Gathered()
-        stream: ChatStream | None = None
         try:
-            stream = self._answer_only(streamer.stream_chat(call, self.abort), watch)
-            for chunk in stream:
-                watch.last_chunk = time.monotonic()
-                if noted and not gathered.chunks:  # not a router's classifier call
-                    self.log.saw_first_token()
-                gathered.add(chunk)
-            if gathered.last is None or not gathered.last.done:
-                raise UpstreamProtocolError()  # a stream ends with its done chunk
+            return gather(lambda: answer_only(streamer.stream_chat(call, self.abort), watch),
+                          watch, self.count_tokens, self.log.saw_first_token if noted else None)
         except ProviderError as exc:
-            self.count_tokens(gathered.chunks)  # cut short, it counts as what it received
             raise self._why(exc, noted) from None
-        finally:
-            if stream is not None:
-                stream.close()
-        result = gathered.whole()
-        self.count_tokens(result.completion_tokens)
-        return result
-
-    def _answer_only(self, stream: Reply, watch: TurnWatch) -> ChatStream:
-        """A stream of the answer's chunks alone: a tool loop's events only keep ``watch``
-        from taking a tool's time for an idle model."""
-        if isinstance(stream, ToolLoop):
-            return AnswerOnly(stream, watch.seen)
-        return cast(ChatStream, stream)  # the provider's, or a fixed reply's
 
     def _why(self, exc: ProviderError, noted: bool = True) -> PiAgentError:
         """Why a provider call failed: for a call stopped from outside, the reason (noted
