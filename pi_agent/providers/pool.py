@@ -302,11 +302,14 @@ class UpstreamPool:
         """Ask one upstream what it has, every ``ps_seconds`` (a greenlet under gevent)."""
         while not self._closed.is_set():
             try:
+                installed = upstream.installed
                 if self._clock() >= upstream.tags_due:
-                    upstream.installed = frozenset(
+                    installed = frozenset(
                         full_model_name(m.name) for m in upstream.provider.list_models())
                     upstream.tags_due = self._clock() + self._tags_seconds
-                upstream.loaded = self._loaded(upstream)
+                # Both lists are set together, after both answers: a turn routed between
+                # them would see the first poll half done (installed, nothing loaded).
+                upstream.loaded, upstream.installed = self._loaded(upstream), installed
                 if not upstream.answers:
                     logger.warning("upstream %s answers again", upstream.name)
                 upstream.answers, upstream.problem = True, ""
