@@ -115,6 +115,8 @@ class RedisStore(Bounded, Leases):
         self._to_give: list[tuple[str, str]] = []  # leases to end, once Redis answers
         self._tending = 0  # the process whose loop renews the claims
         self._start_lock = threading.Lock()
+        self._hearing = threading.Event()  # cancels from other gateways are subscribed to
+        self._hearing_due = False  # the next claim waits for that
 
     # -- reads
 
@@ -198,6 +200,12 @@ class RedisStore(Bounded, Leases):
             if not taken and self._redis.get(busy) != token:
                 raise ConversationBusy()
         self._claims[conversation_id] = token
+        if self._hearing_due:
+            # Redis answers: the first claim in a process waits a moment for the
+            # subscription, or a cancel sent from another gateway just after it would be
+            # found only by the claim's renewal.
+            self._hearing_due = False
+            self._hearing.wait(SOCKET_TIMEOUT)
         return token
 
     def cancel_elsewhere(self, conversation_id: str, key_id: str, admin: bool) -> bool:
@@ -290,12 +298,15 @@ class RedisStore(Bounded, Leases):
         if self._tending == os.getpid():
             return
         with self._start_lock:
-            if self._tending != os.getpid():
-                self._tending = os.getpid()
-                threading.Thread(target=self._tend, name="pi-agent-store-tend",
-                                 daemon=True).start()
-                threading.Thread(target=self._hear_cancels, name="pi-agent-store-cancels",
-                                 daemon=True).start()
+            if self._tending == os.getpid():
+                return
+            self._tending = os.getpid()
+            self._hearing.clear()
+            self._hearing_due = True
+            threading.Thread(target=self._tend, name="pi-agent-store-tend",
+                             daemon=True).start()
+            threading.Thread(target=self._hear_cancels, name="pi-agent-store-cancels",
+                             daemon=True).start()
 
     def _tend(self) -> None:
         """Renew the claims of the turns under way, and sweep now and then. A greenlet under
@@ -327,12 +338,16 @@ class RedisStore(Bounded, Leases):
         message missed while Redis was away is found by the next renewal."""
         while not self._closed.is_set():
             try:
-                listening = self._redis.pubsub(ignore_subscribe_messages=True)
+                listening = self._redis.pubsub()
                 try:
                     listening.subscribe(self._key("cancels"))
                     while not self._closed.is_set():
                         message = listening.get_message(timeout=1.0)
-                        if message is not None:
+                        if message is None:
+                            continue
+                        if message["type"] == "subscribe":  # Redis confirms it
+                            self._hearing.set()
+                        elif message["type"] == "message":
                             cid, _, claim = str(message["data"]).partition(" ")
                             self._cancel_mine(cid, claim)
                 finally:
