@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +28,14 @@ def clean_environ() -> Iterator[None]:
     for key in [k for k in os.environ if k.startswith("PI_AGENT_")]:
         del os.environ[key]
     os.environ.update(saved)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    """Ask ``condition`` until it holds, for at most ``seconds``; return whether it did."""
+    deadline = time.monotonic() + seconds
+    while not (met := condition()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return met
 
 
 @contextmanager

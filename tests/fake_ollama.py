@@ -365,7 +365,11 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append(encode(self._final(model, script)))
         if script.first_token_delay and not self._wait_watching(script.first_token_delay):
             return
-        head = self._head(200, "application/x-ndjson", chunked=True)
+        # A reply that ends whole and then closes says so, as Go's net/http would: a
+        # client must not reuse the connection in the moment before the close arrives.
+        whole_then_closed = script.one_frame or (script.error_after is not None
+                                                 and script.error_after < len(lines))
+        head = self._head(200, "application/x-ndjson", chunked=True, close=whole_then_closed)
         self.close_connection = True
         try:
             if script.one_frame:
@@ -426,14 +430,15 @@ class _Handler(BaseHTTPRequestHandler):
     # --- plumbing ---------------------------------------------------------------------
 
     def _head(
-        self, status: int, content_type: str, chunked: bool = False, length: int = 0
+        self, status: int, content_type: str, chunked: bool = False, length: int = 0,
+        close: bool = False,
     ) -> bytes:
         lines = [
             f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
             f"Content-Type: {content_type}",
             f"Date: {self.date_time_string()}",
             "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}",
-        ]
+        ] + (["Connection: close"] if close else [])
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
     def _write(self, data: bytes) -> None:

@@ -132,7 +132,8 @@ def test_second_turn_of_a_running_conversation_is_409(
 def test_stream_holds_its_slot_until_the_upstream_is_closed(
     server: Gunicorn, upstream: FakeOllama
 ) -> None:
-    upstream.script = Script(tokens=[f"t{i} " for i in range(30)], token_delay=0.02)
+    # 3 s of tokens: the check after 0.2 s must come while the stream still holds the slot.
+    upstream.script = Script(tokens=[f"t{i} " for i in range(30)], token_delay=0.1)
     stream = requests.post(server.url + "/chat", json={"message": "long", "stream": True},
                            stream=True, timeout=30)
     try:

@@ -361,7 +361,10 @@ def test_upstream_failure_before_first_byte(
     make_app: Callable[..., Flask], fake_ollama: FakeOllama,
     script: Script, status: int, code: str, stream: bool,
 ) -> None:
-    app = make_app(READ_TIMEOUT=0.3, TOTAL_TIMEOUT=0.3)
+    # Short timeouts only where the fake hangs: elsewhere a slow machine must not turn the
+    # failure under test into a timeout.
+    hangs = script.first_token_delay > 0
+    app = make_app(**({"READ_TIMEOUT": 0.3, "TOTAL_TIMEOUT": 0.3} if hangs else {}))
     fake_ollama.script = script
     response = post_chat(app.test_client(), stream=stream, conversation_id="c9")
     assert response.status_code == status

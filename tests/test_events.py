@@ -153,7 +153,8 @@ def test_heartbeat_while_the_model_loads(
     fake_ollama.script = Script(tokens=["late"], first_token_delay=0.8)
     client = make_app(HEARTBEAT_SECONDS=0.2).test_client()
     events = parse_sse(sse(client).get_data(as_text=True))
-    assert names(events)[0] == "start" and names(events)[-2:] == ["token", "done"]
+    words = [name for name in names(events) if name != "ping"]  # a slow machine may ping late
+    assert words == ["start", "token", "done"]
     assert names(events)[1] == "ping" and names(events).count("ping") >= 2
     ndjson = client.post("/chat/stream", json={"message": "x"},
                          headers={"Accept": "application/x-ndjson"}).get_data(as_text=True)
@@ -184,6 +185,9 @@ def test_each_timeout_ends_with_upstream_timeout(
 # --- through gunicorn: queueing, cancellation, disconnects ------------------------------
 
 HEARTBEAT = 1.0
+# What is noticed by the watchdog (every 0.5 s) or the next heartbeat (every second) is
+# noticed within this on a slow, shared machine; the upstream's next word is seconds later.
+NOTICED = 2.5
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +226,7 @@ def test_disconnect_while_waiting_for_the_first_token(server: Gunicorn, fake: Fa
         time.sleep(0.01)
     assert len(fake.chat_requests()) == before + 1  # the call waits for its first token
     closed = stream.close()
-    assert upstream_closed_within(fake, closed, HEARTBEAT)
+    assert upstream_closed_within(fake, closed, NOTICED)
     # The slot is free again: the next turn is answered at once.
     fake.script = Script(tokens=["ok"])
     assert requests.post(server.url + "/chat", json={"message": "x"}, timeout=10).status_code == 200
@@ -242,7 +246,8 @@ def test_disconnect_mid_stream(server: Gunicorn, fake: FakeOllama) -> None:
 
 
 def test_disconnect_while_queued_gives_the_place_back(server: Gunicorn, fake: FakeOllama) -> None:
-    fake.scripts["holder"] = Script(tokens=[f"t{i} " for i in range(40)], token_delay=0.05)
+    # The holder runs 4 s: the queued client's ping has long found it gone by then.
+    fake.scripts["holder"] = Script(tokens=[f"t{i} " for i in range(40)], token_delay=0.1)
     holder = RawStream(server, message="holder")
     try:
         holder.read_until(b"event: token")
@@ -322,7 +327,7 @@ def test_disconnect_before_the_first_token_without_events(
     assert len(fake.chat_requests()) == before + 1
     closed = request.close()
     # Nothing is written to such a client before the first token, so a watcher notices.
-    assert upstream_closed_within(fake, closed, HEARTBEAT)
+    assert upstream_closed_within(fake, closed, NOTICED)
 
 
 def test_cancel_a_non_stream_turn(server: Gunicorn, fake: FakeOllama) -> None:
@@ -376,12 +381,13 @@ def test_plain_text_client_leaving_between_tokens(server: Gunicorn, fake: FakeOl
     request.read_until(b"a ")
     closed = request.close()
     # Nothing is written while Ollama is silent between tokens; the turn's watcher notices.
-    assert upstream_closed_within(fake, closed, HEARTBEAT)
+    assert upstream_closed_within(fake, closed, NOTICED)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["plain-text", "non-stream"])
 def test_cancel_a_queued_turn(server: Gunicorn, fake: FakeOllama, stream: bool) -> None:
-    fake.scripts["holder"] = Script(tokens=[f"t{i} " for i in range(40)], token_delay=0.05)
+    # The holder would run 6 s: a cancel answered before then is not the holder's end.
+    fake.scripts["holder"] = Script(tokens=[f"t{i} " for i in range(40)], token_delay=0.15)
     holder = RawStream(server, message="holder")
     try:
         holder.read_until(b"event: token")
@@ -389,15 +395,19 @@ def test_cancel_a_queued_turn(server: Gunicorn, fake: FakeOllama, stream: bool) 
             queued = pool.submit(requests.post, server.url + "/chat", timeout=15,
                                  json={"message": "queued", "stream": stream,
                                        "conversation_id": "q-cancel"})
-            time.sleep(0.3)
-            asked = time.monotonic()
-            assert requests.post(server.url + "/chat/q-cancel/cancel",
-                                 timeout=10).status_code == 200
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # until the queued turn is known
+                asked = time.monotonic()
+                cancelled = requests.post(server.url + "/chat/q-cancel/cancel", timeout=10)
+                if cancelled.status_code == 200:
+                    break
+                time.sleep(0.05)
+            assert cancelled.status_code == 200
             response = queued.result()
             answered = time.monotonic()
         assert response.status_code == 409
         assert response.json()["error"]["code"] == "cancelled"
-        assert answered - asked < HEARTBEAT  # not only once the holder is done
+        assert answered - asked < NOTICED  # not only once the holder is done
         assert b"event: done" not in holder.received
     finally:
         holder.close()

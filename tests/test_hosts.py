@@ -5,7 +5,6 @@ sync and gthread workers; a host set up to split the memory or to miss clients s
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -19,6 +18,7 @@ from pi_agent.config import load_settings
 from pi_agent.hosts import FirstRequestCheck, threads_needed
 from pi_agent.web.client_socket import client_probe
 
+from .conftest import wait_until
 from .fake_ollama import FakeOllama, Script
 from .live_server import Gunicorn, RawStream, Waitress, serving, serving_waitress
 from .redis_server import RedisServer
@@ -53,14 +53,6 @@ def host(request: pytest.FixtureRequest, upstream: FakeOllama,
     log = tmp_path_factory.mktemp(request.param) / "server.log"
     with HOSTS[request.param](log, upstream.url) as server:
         yield server
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
-    """Ask ``condition`` until it holds, for at most ``seconds``; return whether it did."""
-    deadline = time.monotonic() + seconds
-    while not (met := condition()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return met
 
 
 def sent_upstream(fake: FakeOllama) -> list[str]:

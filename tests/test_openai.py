@@ -17,7 +17,7 @@ import requests
 from flask import Flask
 from werkzeug.exceptions import Unauthorized
 
-from .conftest import state, unused_port
+from .conftest import state, unused_port, wait_until
 from .fake_ollama import FakeOllama, Script
 from .live_server import Gunicorn, serving
 
@@ -465,9 +465,14 @@ def test_a_cancel_before_the_reply_sticks(
     client: openai.OpenAI, server: Gunicorn, fake: FakeOllama, conversation_id: str
 ) -> None:
     fake.script = Script(first_token_delay=30)
-    timer = threading.Timer(0.5, requests.post, args=(
-        server.url + f"/chat/{conversation_id}/cancel",), kwargs={"timeout": 5})
-    timer.start()
+
+    def cancel_once_asked() -> None:
+        # Once Ollama was asked, the turn is known to the server: the cancel finds it.
+        if wait_until(lambda: len(fake.chat_requests()) == 1):
+            requests.post(server.url + f"/chat/{conversation_id}/cancel", timeout=5)
+
+    canceller = threading.Thread(target=cancel_once_asked)
+    canceller.start()
     try:
         # The SDK would retry a 409; with x-should-retry: false it does not, even when told
         # it may retry.
@@ -476,7 +481,7 @@ def test_a_cancel_before_the_reply_sticks(
                 model=MODEL, messages=[{"role": "user", "content": "hi"}],
                 extra_headers={"X-Conversation-Id": conversation_id})
     finally:
-        timer.join()
+        canceller.join()
     assert info.value.code == "cancelled"
     assert info.value.response.headers["x-should-retry"] == "false"
     assert len(fake.chat_requests()) == 1
@@ -494,14 +499,15 @@ def test_a_slow_first_token_gets_keep_alives(server: Gunicorn, fake: FakeOllama)
 def test_busy_conversation_is_409_and_full_queue_is_429(
     client: openai.OpenAI, server: Gunicorn, fake: FakeOllama, conversation_id: str
 ) -> None:
-    fake.script = Script(first_token_delay=1.5)
+    fake.script = Script(first_token_delay=3)  # under TOTAL_TIMEOUT, 4 s
     header = {"X-Conversation-Id": conversation_id}
     threads = [threading.Thread(target=ask, args=(client,), kwargs={"extra_headers": header}),
                threading.Thread(target=ask, args=(client, "other"))]
     threads[0].start()
-    time.sleep(0.3)
+    assert wait_until(lambda: len(fake.chat_requests()) == 1)
     threads[1].start()  # queued behind the first: the queue holds one
-    time.sleep(0.3)
+    assert wait_until(lambda: "\npi_agent_turns_waiting 1.0\n" in requests.get(
+        server.url + "/metrics", timeout=5).text)
     try:
         with pytest.raises(openai.ConflictError):
             ask(client, extra_headers=header)

@@ -29,7 +29,7 @@ from pi_agent.security.limits import Limits
 from pi_agent.stores.redis import BREAKER_SECONDS, RedisStore
 
 from .fake_ollama import FakeOllama, Script
-from .conftest import unused_port
+from .conftest import unused_port, wait_until
 from .live_server import (
     ROOT,
     STARTUP_SECONDS,
@@ -166,13 +166,15 @@ def test_a_claim_holds_a_conversation_in_every_gateway_until_it_ends_or_runs_out
     redis_server: RedisServer
 ) -> None:
     prefix = f"{uuid.uuid4().hex}:"
-    one = _store(redis_server, prefix, claim_seconds=0.6)
-    other = _store(redis_server, prefix, claim_seconds=0.6)
+    # Leases of 1.5 s, renewed every 0.5 s: a stall of the test process under half a
+    # second must not let one lapse.
+    one = _store(redis_server, prefix, claim_seconds=1.5)
+    other = _store(redis_server, prefix, claim_seconds=1.5)
     try:
         held = one.claim("c")
         with pytest.raises(ConversationBusy):
             other.claim("c")
-        time.sleep(1.5)  # past the lease: renewed while held
+        time.sleep(3.5)  # past the lease: renewed while held
         with pytest.raises(ConversationBusy):
             other.claim("c")
         one.append("c", Turn("q0", "a"), claim=held)
@@ -237,6 +239,18 @@ return 1
 """
 
 
+def stalled(server: RedisServer) -> bool:
+    """Whether Redis is busy with the stall: a PING is not answered."""
+    probe = redis.Redis.from_url(server.url, socket_timeout=0.05)
+    try:
+        probe.ping()
+        return False
+    except redis.TimeoutError:
+        return True
+    finally:
+        probe.close()
+
+
 def test_a_write_that_timed_out_is_not_run_twice(redis_server: RedisServer) -> None:
     """A write that Redis was too slow to answer: the store says 503 and does not send it
     again (a retry after a timeout stored the turn and counted its tokens twice)."""
@@ -245,7 +259,7 @@ def test_a_write_that_timed_out_is_not_run_twice(redis_server: RedisServer) -> N
     stall = threading.Thread(target=lambda: staller.eval(STALL, 0, 1.0))
     try:
         stall.start()
-        time.sleep(0.2)  # the stall runs
+        assert wait_until(lambda: stalled(redis_server), 2)
         with pytest.raises(StoreUnavailable):
             store.append("c", Turn("q", "a"), spent={("key_a", "2026-12-05"): 5})
         stall.join()
@@ -366,13 +380,13 @@ def test_slots_are_leases_that_every_gateway_counts_and_that_run_out(
     redis_server: RedisServer
 ) -> None:
     prefix = f"{uuid.uuid4().hex}:"
-    one = _store(redis_server, prefix, claim_seconds=0.6)
-    other = _store(redis_server, prefix, claim_seconds=0.6)
+    one = _store(redis_server, prefix, claim_seconds=1.5)
+    other = _store(redis_server, prefix, claim_seconds=1.5)
     try:
         lease = one.take_slot("pi:11434", 1)
         assert lease and other.take_slot("pi:11434", 1) == ""
         assert other.take_slot("pi2:11434", 1)  # each upstream has slots of its own
-        time.sleep(1.5)  # past the lease: renewed while held
+        time.sleep(3.5)  # past the lease: renewed while held
         assert other.take_slot("pi:11434", 1) == ""
         one.give_slot("pi:11434", lease)
         second = other.take_slot("pi:11434", 1)

@@ -367,13 +367,13 @@ def test_a_tool_that_takes_too_long_is_an_error_and_the_turn_goes_on(
 ) -> None:
     upstream.reset()
     upstream.steps.extend([asks(call("slow", seconds=4)), ANSWER])
-    with start_server(tmp_path_factory.mktemp("tool-timeout"), upstream, timeout=0.5,
-                      IDLE_TIMEOUT="0.3") as server:
+    with start_server(tmp_path_factory.mktemp("tool-timeout"), upstream, timeout=1.5,
+                      IDLE_TIMEOUT="0.8") as server:
         seen = events(server)
     result = next(data for name, data in seen if name == "tool_result")
-    assert result == {**result, "ok": False, "content": "error: timed out after 0.5 s"}
-    assert 400 <= result["ms"] < 3000
-    # The idle timeout (0.3 s) is not taken by the tool's time.
+    assert result == {**result, "ok": False, "content": "error: timed out after 1.5 s"}
+    assert 1400 <= result["ms"] < 3500  # the tool would take 4 s
+    # The idle timeout (0.8 s) is not taken by the tool's time.
     assert seen[-1][0] == "done" and text(seen) == "The answer is 42."
 
 

@@ -67,6 +67,10 @@ class Upstream:
     failures: int = 0  # calls that failed in a row, each before its first chunk
     tags_due: float = 0.0  # when /api/tags is asked next
     changed: threading.Event = field(default_factory=threading.Event)  # poll it now
+    # Polls begun and ended: what ended after a change was begun after it, if ``ended`` has
+    # passed what ``begun`` was at the change (a poll under way may hold answers from before).
+    begun: int = 0
+    ended: int = 0
 
     def has(self, model: str) -> bool:
         return self.installed is None or full_model_name(model) in self.installed
@@ -301,6 +305,7 @@ class UpstreamPool:
     def _poll(self, upstream: Upstream) -> None:
         """Ask one upstream what it has, every ``ps_seconds`` (a greenlet under gevent)."""
         while not self._closed.is_set():
+            upstream.begun += 1
             try:
                 installed = upstream.installed
                 if self._clock() >= upstream.tags_due:
@@ -322,6 +327,7 @@ class UpstreamPool:
                 upstream.tags_due = 0.0  # what it has may have changed while it was away
             except Exception:  # the poll must outlive a bug
                 logger.exception("polling upstream %s failed", upstream.name)
+            upstream.ended = upstream.begun
             upstream.changed.wait(self._ps_seconds)
             upstream.changed.clear()
 
