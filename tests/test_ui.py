@@ -428,6 +428,18 @@ def test_the_key_prompt_appears_on_401_and_works(
             page.reload()
             expect(page.locator(".msg.user")).to_have_text(["hi from my phone"])
             expect(form).to_be_hidden()
+            # On a shared phone: the key goes, and the conversation shown with it; the
+            # prompt is back, and a reload does not bring either back.
+            assert stored(page, "pi-agent.titles")  # the first message, as the list's title
+            page.locator("#forget-key").click()
+            expect(form).to_be_visible()
+            expect(page.locator(".msg")).to_have_count(0)
+            expect(page.locator("#forget-key")).to_be_hidden()
+            assert [stored(page, name) for name in
+                    ("pi-agent.key", "pi-agent.conversation", "pi-agent.titles")] == [None] * 3
+            page.reload()
+            expect(form).to_be_visible()
+            expect(page.locator(".msg")).to_have_count(0)
         finally:
             context.close()
 

@@ -486,6 +486,7 @@
     const chosen = saved.get(AGENT);
     if (names.includes(chosen)) picker.value = chosen;
     $("key-form").hidden = true;
+    $("forget-key").hidden = !saved.get(KEY);
     notice("");
     return true;
   }
@@ -585,6 +586,20 @@
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     saved.set(KEY, $("key").value.trim());
+    start();
+  });
+  // On a shared device: the key goes, and with it what this browser kept of its
+  // conversations (their titles are their first messages); the server keeps them.
+  $("forget-key").addEventListener("click", () => {
+    if (running) return;
+    ++shown;
+    for (const name of [KEY, CONVERSATION, TITLES]) saved.set(name, "");
+    conversationId = "";
+    $("messages").replaceChildren();
+    $("conversations").replaceChildren();
+    $("agent").replaceChildren();
+    $("key").value = "";
+    $("forget-key").hidden = true;
     start();
   });
   start();
